@@ -1,0 +1,279 @@
+"""The façade a notebook user touches: create, load, run, fold and save a detector."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxyolo.errors import CheckpointError, ConfigError
+from jaxyolo.export import state_dict as sdmap
+from jaxyolo.models import config as mcfg
+from jaxyolo.models import profile
+from jaxyolo.models.fold import fold as fold_model
+from jaxyolo.models.heads import decode as decode_raw
+from jaxyolo.models.yolo import YOLO, ModelOptions, apply
+
+CHECKPOINT_FORMAT = "jaxyolo-detector/1"
+
+
+class Detector:
+    """A YOLO network with its table and options, and the operations users need on it.
+
+    `model` is the Flax NNX module; `spec` the resolved table; `options` how it was built.
+    """
+
+    def __init__(self, model: YOLO, table: dict):
+        self.model = model
+        self.table = table  # the raw table, kept so save/load rebuild the same network
+
+    # -- description -------------------------------------------------------------------------
+    @property
+    def spec(self) -> mcfg.ModelSpec:
+        return self.model.spec
+
+    @property
+    def options(self) -> ModelOptions:
+        return self.model.options
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.nc
+
+    @property
+    def kst(self) -> int:
+        """KST candidates per implicit vector (0 for a plain Detect head)."""
+        return self.model.head.kst
+
+    def num_params(self) -> int:
+        return profile.count_params(self.model)
+
+    def gflops(self, img_size: int = 640) -> float:
+        """2 x convolution multiply-accumulates for one image of img_size x img_size, in 1e9."""
+        return profile.gflops(self.model, img_size)
+
+    def layer_table(self, img_size: int = 640) -> list[dict]:
+        return profile.layer_table(self.model, img_size)
+
+    def __repr__(self) -> str:
+        head = f"implicit K={self.kst}" if self.kst else "detect"
+        return (f"Detector({self.spec.name}, nc={self.num_classes}, head={head}, act={self.options.act}, "
+                f"fused={self.options.fused}, params={self.num_params():,})")
+
+    # -- inference ------------------------------------------------------------------------------
+    def forward_raw(self, images, *, kst_index=None) -> list[jax.Array]:
+        """Images (B, H, W, 3) float32 in [0, 1] -> raw logits per level, (B, na, H/s, W/s, 5 + nc).
+
+        Inference mode (BatchNorm running statistics; KST candidates' mean unless `kst_index`
+        = (shift, scale) picks a pair). H and W must be multiples of the largest stride.
+        """
+        images = self._check_images(images)
+        graphdef, state = nnx.split(self.model)
+        if kst_index is not None:
+            self._check_kst_index(kst_index)
+            kst_index = jnp.asarray(kst_index, jnp.int32)
+        return _jit_forward(graphdef, state, images, kst_index)
+
+    def decode(self, raw: Sequence[jax.Array]) -> jax.Array:
+        """Raw per-level logits -> (B, N, 5 + nc): centre x, y, width, height (pixels), objectness,
+        class scores, all after sigmoid: the reference's eval output."""
+        return _jit_decode(tuple(raw), self.spec.anchors, self.spec.strides)
+
+    def __call__(self, images, *, kst_index=None) -> jax.Array:
+        return self.decode(self.forward_raw(images, kst_index=kst_index))
+
+    def forward_all_kst(self, images) -> list[jax.Array]:
+        """Raw outputs for every (shift, scale) candidate pair in one vmapped program.
+
+        Returns per level an array (K, K, B, na, H/s, W/s, 5 + nc); entry [i, j] equals
+        `forward_raw(images, kst_index=(i, j))`. This is the paper's Table 4 sweep.
+        """
+        if not self.kst:
+            raise ConfigError("forward_all_kst: this detector has a plain Detect head (no KST candidates)")
+        images = self._check_images(images)
+        graphdef, state = nnx.split(self.model)
+        return _jit_all_kst(graphdef, state, images, self.kst)
+
+    def _check_images(self, images):
+        images = jnp.asarray(images)
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ConfigError(f"images: expected (batch, height, width, 3) NHWC, got shape {tuple(images.shape)}")
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            raise ConfigError(f"images: expected float values in [0, 1], got dtype {images.dtype}")
+        return images
+
+    def _check_kst_index(self, kst_index):
+        if not self.kst:
+            raise ConfigError("kst_index: this detector has a plain Detect head (no KST candidates)")
+        if len(kst_index) != 2 or not all(0 <= int(i) < self.kst for i in kst_index):
+            raise ConfigError(f"kst_index: expected (shift, scale) with each in [0, {self.kst}), got {kst_index!r}")
+
+    # -- transformations ----------------------------------------------------------------------
+    def fold(self, *, kst_index=None, bn: bool = True) -> "Detector":
+        """The inference form: implicit vectors (their mean, or the pair `kst_index`) folded into
+        the head convs and, if `bn`, BatchNorms folded into the convs. Outputs are unchanged."""
+        if kst_index is not None:
+            self._check_kst_index(kst_index)
+        return Detector(fold_model(self.model, kst_index=kst_index, bn=bn), self.table)
+
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        """The reference PyTorch state_dict (numpy arrays keyed by PyTorch names, in order).
+
+        A K=1 implicit head or a Detect head gives exactly the reference's keys and shapes; K > 1
+        keeps all candidates, stacked on the leading axis of each `implicit` tensor (fold first
+        for a reference-loadable file).
+        """
+        return sdmap.to_state_dict(self.model)
+
+    def load_state_dict(self, state, *, source: str = "state_dict") -> "Detector":
+        sdmap.load_state_dict(self.model, state, source=source)
+        return self
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Save as an Orbax checkpoint folder: the model's variables plus a JSON description."""
+        import orbax.checkpoint as ocp
+
+        path = Path(path).absolute()
+        meta = {"format": CHECKPOINT_FORMAT, "name": self.spec.name, "table": self.table,
+                "nc": self.spec.nc, "anchors": [[v for wh in lvl for v in wh] for lvl in self.spec.anchors],
+                "options": dataclasses.asdict(self.options)}
+        state = nnx.state(self.model).to_pure_dict()
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            ckptr.save(path, ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                       force=True)
+        return path
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_forward(graphdef, state, images, kst_index):
+    return apply(graphdef, state, images, kst_index=kst_index)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _jit_decode(raw, anchors, strides):
+    return decode_raw(raw, anchors, strides)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _jit_all_kst(graphdef, state, images, k):
+    ii, jj = jnp.meshgrid(jnp.arange(k), jnp.arange(k), indexing="ij")
+
+    def one(i, j):
+        return apply(graphdef, state, images, kst_index=(i, j))[0]
+
+    outs = jax.vmap(one)(ii.reshape(-1), jj.reshape(-1))
+    return [o.reshape((k, k) + o.shape[1:]) for o in outs]
+
+
+def _build(table: dict, name: str, *, nc, anchors, options: ModelOptions, seed: int, abstract: bool) -> Detector:
+    spec = mcfg.resolve(table, name=name, nc=nc, anchors=anchors)
+    make = lambda: YOLO(spec, options, rngs=nnx.Rngs(seed))  # noqa: E731
+    return Detector(nnx.eval_shape(make) if abstract else make(), table)
+
+
+def create_model(
+    name: str | Path = "yolov4s",
+    *,
+    num_classes: int = 80,
+    kst: int = 3,
+    head: str = "implicit",
+    act: str = "silu",
+    kst_draw: str = "step",
+    dtype: str | None = None,
+    anchors=None,
+    seed: int = 0,
+    abstract: bool = False,
+) -> Detector:
+    """Build a detector from a built-in table (`yolov4s`, `yolov4m`, `yolov4l`, `yolov4x`,
+    `yolov4n`, `yolov4p`) or a path to a YAML table, initialised as the reference does.
+
+    `abstract=True` builds shapes only (no values, instant even for the largest models): enough
+    for `num_params`, `gflops`, `layer_table` and `state_dict` key listings.
+    """
+    table_name, table = mcfg.load_table(name)
+    options = ModelOptions(head=head, kst=kst, kst_draw=kst_draw, act=act, dtype=dtype)
+    return _build(table, table_name, nc=num_classes, anchors=anchors, options=options, seed=seed, abstract=abstract)
+
+
+def load(path: str | Path) -> Detector:
+    """Load a detector saved by `Detector.save`."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    if not (path / "meta").is_dir() or not (path / "state").is_dir():
+        raise CheckpointError(f"{path}: not a jaxyolo checkpoint folder (expected 'meta' and 'state' inside)")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        meta = ckptr.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+        try:
+            options = ModelOptions(**meta["options"])
+            det = _build(meta["table"], meta["name"], nc=meta["nc"], anchors=meta["anchors"], options=options,
+                         seed=0, abstract=True)
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: checkpoint description is incomplete ({e})") from None
+        abstract = nnx.state(det.model).to_pure_dict()
+        state = ckptr.restore(path, ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    graphdef, st = nnx.split(det.model)
+    nnx.replace_by_pure_dict(st, state)
+    det.model = nnx.merge(graphdef, st)
+    return det
+
+
+def load_torch(name: str | Path, path: str | Path, *, num_classes: int | None = None) -> Detector:
+    """Build detector `name` with weights from a reference PyTorch checkpoint.
+
+    Reads a plain state_dict `.pt`, an official release checkpoint (`{'model': <module>, ...}`,
+    possibly fp16) without the reference code and without executing anything from the file, or a
+    `.npz` of reference-named arrays. torch is not needed. The head type and K come from the
+    keys (`ia`/`im` present: implicit head, K = their leading size); the classes from the head
+    conv; the anchors from the `anchor_grid` buffer when present.
+    """
+    from jaxyolo.export.torch_format import extract_state_dict, read_torch_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                state = OrderedDict((k, z[k]) for k in z.files)
+        except Exception as e:  # numpy raises several types for a bad archive
+            raise CheckpointError(f"{path}: not a readable .npz archive ({type(e).__name__}: {e})") from None
+    else:
+        state = extract_state_dict(read_torch_file(path), source=str(path))
+
+    table_name, table = mcfg.load_table(name)
+    spec = mcfg.resolve(table, name=table_name)
+    p = f"model.{len(spec.layers) - 1}."
+    if f"{p}m.0.bias" not in state:
+        raise CheckpointError(f"{path}: missing key {p}m.0.bias: not a {table_name} checkpoint")
+    na = spec.num_anchors
+    anchors = None
+    if f"{p}anchor_grid" in state:
+        grid = np.asarray(state[f"{p}anchor_grid"], np.float64)
+        na = grid.shape[2]
+        anchors = [list(np.round(grid[i].reshape(-1), 6)) for i in range(grid.shape[0])]
+    n_out = int(np.shape(state[f"{p}m.0.bias"])[0])
+    if n_out % na or n_out // na < 6:
+        raise CheckpointError(f"{path}: {p}m.0.bias has {n_out} outputs, not a multiple of {na} anchors x (5 + nc)")
+    file_nc = n_out // na - 5
+    if num_classes is not None and num_classes != file_nc:
+        raise CheckpointError(f"{path}: the file has {file_nc} classes, num_classes={num_classes} was asked for")
+    implicit = f"{p}ia.0.implicit" in state
+    kst = int(np.shape(state[f"{p}ia.0.implicit"])[0]) if implicit else 1
+    options = ModelOptions(head="implicit" if implicit else "detect", kst=kst)
+    det = _build(table, table_name, nc=file_nc, anchors=anchors, options=options, seed=0, abstract=True)
+    det.load_state_dict(state, source=str(path))
+    return det

@@ -1,0 +1,1 @@
+"""Model tables, layers, heads and the assembled YOLO network."""

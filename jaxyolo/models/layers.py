@@ -1,0 +1,264 @@
+"""Building blocks of the YOLOv4 family (spec §2-§3), in Flax NNX.
+
+Every module keeps the reference PyTorch attribute names (`conv`, `bn`, `cv1` ... `m`), so the
+path of each variable *is* its PyTorch state_dict key (see `jaxyolo.export.state_dict`), and lists
+the reference's registration order in `TORCH_ORDER` (NNX re-creates modules with their attributes
+sorted, so attribute order cannot carry it). Activations are NHWC; conv weights HWIO.
+
+`fused=True` builds the inference form: BatchNorm folded into the preceding convolution, which
+then carries a bias (see `jaxyolo.models.fold`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxyolo.errors import ConfigError
+
+# BatchNorm settings of the reference after `initialize_weights` (spec §2).
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.03  # PyTorch convention: running <- (1 - m) * running + m * batch
+
+
+def mish(x):
+    return x * jnp.tanh(jax.nn.softplus(x))
+
+
+ACTIVATIONS = {"silu": jax.nn.silu, "mish": mish, "leaky": lambda x: jax.nn.leaky_relu(x, 0.1)}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ConfigError(f"act: unknown activation {name!r} (choose one of {', '.join(ACTIVATIONS)})") from None
+
+
+def _uniform(key, shape, bound):
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+class Conv2d(nnx.Module):
+    """A 2-D convolution with symmetric zero padding k//2 (PyTorch's), weight HWIO.
+
+    Initialised like PyTorch's default: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    """
+
+    TORCH_ORDER = ("weight", "bias")
+
+    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, *, bias: bool = False, dtype=None, rngs: nnx.Rngs):
+        bound = 1.0 / math.sqrt(c1 * k * k)
+        self.weight = nnx.Param(_uniform(rngs.params(), (k, k, c1, c2), bound))
+        self.bias = nnx.Param(_uniform(rngs.params(), (c2,), bound)) if bias else None
+        self.stride = s
+        self.pad = k // 2
+        self.dtype = dtype
+
+    def __call__(self, x):
+        w = self.weight[...]
+        if self.dtype is not None:
+            x, w = x.astype(self.dtype), w.astype(self.dtype)
+        y = jax.lax.conv_general_dilated(
+            x,
+            w,
+            window_strides=(self.stride, self.stride),
+            padding=((self.pad, self.pad), (self.pad, self.pad)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class BatchNorm2d(nnx.Module):
+    """BatchNorm over the channel (last) axis with PyTorch's semantics.
+
+    Training normalises with the biased batch variance and updates the running variance with the
+    unbiased one, as torch does, so BN statistics match the reference bit for bit in float32.
+    """
+
+    TORCH_ORDER = ('weight', 'bias', 'running_mean', 'running_var')
+
+    def __init__(self, c: int, *, rngs: nnx.Rngs | None = None):
+        del rngs
+        self.weight = nnx.Param(jnp.ones((c,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((c,), jnp.float32))
+        self.running_mean = nnx.BatchStat(jnp.zeros((c,), jnp.float32))
+        self.running_var = nnx.BatchStat(jnp.ones((c,), jnp.float32))
+
+    def __call__(self, x, *, train: bool):
+        xf = x.astype(jnp.float32)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            n = math.prod(x.shape[:-1])
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)
+            m = BN_MOMENTUM
+            self.running_mean[...] = (1 - m) * self.running_mean[...] + m * jax.lax.stop_gradient(mean)
+            unbiased = var * (n / max(n - 1, 1))
+            self.running_var[...] = (1 - m) * self.running_var[...] + m * jax.lax.stop_gradient(unbiased)
+        else:
+            mean, var = self.running_mean[...], self.running_var[...]
+        scale = self.weight[...] * jax.lax.rsqrt(var + BN_EPS)
+        return ((xf - mean) * scale + self.bias[...]).astype(x.dtype)
+
+
+class Affine(nnx.Module):
+    """Per-channel scale and shift: a BatchNorm in inference form (used by fused CSP blocks)."""
+
+    TORCH_ORDER = ("weight", "bias")
+
+    def __init__(self, c: int):
+        self.weight = nnx.Param(jnp.ones((c,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((c,), jnp.float32))
+
+    def __call__(self, x, *, train=False):
+        return x * self.weight[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+
+
+class Conv(nnx.Module):
+    """Conv (no bias) -> BatchNorm -> activation; fused: conv with bias -> activation."""
+
+    TORCH_ORDER = ('conv', 'bn')
+
+    def __init__(self, c1, c2, k=1, s=1, *, act="silu", fused=False, dtype=None, rngs):
+        self.conv = Conv2d(c1, c2, k, s, bias=fused, dtype=dtype, rngs=rngs)
+        self.bn = None if fused else BatchNorm2d(c2)
+        self.act = act
+        activation(act)  # fail early on an unknown name
+
+    def __call__(self, x, *, train=False):
+        y = self.conv(x)
+        if self.bn is not None:
+            y = self.bn(y, train=train)
+        return activation(self.act)(y)
+
+
+class Bottleneck(nnx.Module):
+    """1x1 Conv to c2*e channels, 3x3 Conv back to c2; residual if `shortcut` and c1 == c2."""
+
+    TORCH_ORDER = ('cv1', 'cv2')
+
+    def __init__(self, c1, c2, shortcut=True, e=0.5, **kw):
+        h = int(c2 * e)
+        self.cv1 = Conv(c1, h, 1, 1, **kw)
+        self.cv2 = Conv(h, c2, 3, 1, **kw)
+        self.add = bool(shortcut and c1 == c2)
+
+    def __call__(self, x, *, train=False):
+        y = self.cv2(self.cv1(x, train=train), train=train)
+        return x + y if self.add else y
+
+
+class _CSPBase(nnx.Module):
+    """Shared tail of the CSP blocks: BN over cat(main, side) then activation.
+
+    In the fused form the BN becomes its inference-time affine map (`Affine`): the main branch of
+    BottleneckCSP2 and SPPCSP ends in an activation, so that BN cannot move into a convolution.
+    """
+
+    def _merge(self, main, side, train):
+        y = jnp.concatenate([main, side], axis=-1)
+        return activation(self.act)(self.bn(y, train=train))
+
+
+class BottleneckCSP(_CSPBase):
+    """Backbone CSP block: main = cv3(m(cv1(x))), side = cv2(x), n residual Bottlenecks."""
+
+    TORCH_ORDER = ('cv1', 'cv2', 'cv3', 'cv4', 'bn', 'm')
+
+    def __init__(self, c1, c2, n=1, shortcut=True, *, act="silu", fused=False, dtype=None, rngs):
+        kw = dict(act=act, fused=fused, dtype=dtype, rngs=rngs)
+        c = int(c2 * 0.5)
+        self.cv1 = Conv(c1, c, 1, 1, **kw)
+        self.cv2 = Conv2d(c1, c, 1, 1, dtype=dtype, rngs=rngs)
+        self.cv3 = Conv2d(c, c, 1, 1, dtype=dtype, rngs=rngs)
+        self.cv4 = Conv(2 * c, c2, 1, 1, **kw)
+        self.bn = Affine(2 * c) if fused else BatchNorm2d(2 * c)
+        self.act = act
+        self.m = nnx.List([Bottleneck(c, c, shortcut, 1.0, **kw) for _ in range(n)])
+
+    def __call__(self, x, *, train=False):
+        y = self.cv1(x, train=train)
+        for b in self.m:
+            y = b(y, train=train)
+        return self.cv4(self._merge(self.cv3(y), self.cv2(x), train), train=train)
+
+
+class BottleneckCSP2(_CSPBase):
+    """Neck CSP block ("rCSP"): x1 = cv1(x); main = m(x1) without residuals, side = cv2(x1)."""
+
+    TORCH_ORDER = ('cv1', 'cv2', 'cv3', 'bn', 'm')
+
+    def __init__(self, c1, c2, n=1, *, act="silu", fused=False, dtype=None, rngs):
+        kw = dict(act=act, fused=fused, dtype=dtype, rngs=rngs)
+        c = int(c2)
+        self.cv1 = Conv(c1, c, 1, 1, **kw)
+        self.cv2 = Conv2d(c, c, 1, 1, dtype=dtype, rngs=rngs)
+        self.cv3 = Conv(2 * c, c2, 1, 1, **kw)
+        self.bn = Affine(2 * c) if fused else BatchNorm2d(2 * c)
+        self.act = act
+        self.m = nnx.List([Bottleneck(c, c, False, 1.0, **kw) for _ in range(n)])
+
+    def __call__(self, x, *, train=False):
+        x1 = self.cv1(x, train=train)
+        y = x1
+        for b in self.m:
+            y = b(y, train=train)
+        return self.cv3(self._merge(y, self.cv2(x1), train), train=train)
+
+
+def max_pool_same(x, k: int):
+    """k x k max-pool, stride 1, padding k//2 with -inf (PyTorch's MaxPool2d)."""
+    p = k // 2
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, k, k, 1), (1, 1, 1, 1), ((0, 0), (p, p), (p, p), (0, 0))
+    )
+
+
+class SPPCSP(_CSPBase):
+    """CSP spatial pyramid pooling: max-pools 5/9/13 on the main branch, plain 1x1 side branch."""
+
+    TORCH_ORDER = ('cv1', 'cv2', 'cv3', 'cv4', 'cv5', 'cv6', 'bn', 'cv7')
+
+    def __init__(self, c1, c2, k: Sequence[int] = (5, 9, 13), *, act="silu", fused=False, dtype=None, rngs):
+        kw = dict(act=act, fused=fused, dtype=dtype, rngs=rngs)
+        c = int(c2)
+        self.cv1 = Conv(c1, c, 1, 1, **kw)
+        self.cv2 = Conv2d(c1, c, 1, 1, dtype=dtype, rngs=rngs)
+        self.cv3 = Conv(c, c, 3, 1, **kw)
+        self.cv4 = Conv(c, c, 1, 1, **kw)
+        self.pools = tuple(int(v) for v in k)
+        self.cv5 = Conv(4 * c, c, 1, 1, **kw)
+        self.cv6 = Conv(c, c, 3, 1, **kw)
+        self.bn = Affine(2 * c) if fused else BatchNorm2d(2 * c)
+        self.act = act
+        self.cv7 = Conv(2 * c, c2, 1, 1, **kw)
+
+    def __call__(self, x, *, train=False):
+        x1 = self.cv4(self.cv3(self.cv1(x, train=train), train=train), train=train)
+        pooled = jnp.concatenate([x1] + [max_pool_same(x1, k) for k in self.pools], axis=-1)
+        y1 = self.cv6(self.cv5(pooled, train=train), train=train)
+        return self.cv7(self._merge(y1, self.cv2(x), train), train=train)
+
+
+class Upsample(nnx.Module):
+    """Nearest-neighbour upsampling by repetition (exact, and exports with a dynamic batch)."""
+
+    def __init__(self, scale: int = 2):
+        self.scale = int(scale)
+
+    def __call__(self, x, *, train=False):
+        return jnp.repeat(jnp.repeat(x, self.scale, axis=1), self.scale, axis=2)
+
+
+class Concat(nnx.Module):
+    """Channel concatenation, inputs in the order the table lists them."""
+
+    def __call__(self, xs, *, train=False):
+        return jnp.concatenate(xs, axis=-1)
