@@ -98,7 +98,7 @@ def to_state_dict(model) -> "OrderedDict[str, np.ndarray]":
     out = OrderedDict()
     for e in entries(model):
         value = e.derived() if e.variable is None else e.to_torch(np.asarray(e.variable.get_value()))
-        out[e.key] = np.ascontiguousarray(value)
+        out[e.key] = np.array(value, order="C")  # (ascontiguousarray would turn 0-d into 1-d)
     return out
 
 

@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxyolo.errors import ConfigError
 from jaxyolo.models.config import ModelSpec
-from jaxyolo.models.layers import Conv2d
+from jaxyolo.models.layers import Conv2d, random_normal
 
 KST_DRAWS = ("step", "level", "image")
 
@@ -37,7 +37,7 @@ class Implicit(nnx.Module):
     TORCH_ORDER = ("implicit",)
 
     def __init__(self, k: int, c: int, mean: float, *, rngs: nnx.Rngs):
-        self.implicit = nnx.Param(mean + 0.02 * jax.random.normal(rngs.params(), (k, c), jnp.float32))
+        self.implicit = nnx.Param(random_normal(rngs, (k, c), mean, 0.02))
 
 
 class Detect(nnx.Module):

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxyolo.errors import ConfigError
@@ -39,8 +40,31 @@ def activation(name: str):
         raise ConfigError(f"act: unknown activation {name!r} (choose one of {', '.join(ACTIVATIONS)})") from None
 
 
-def _uniform(key, shape, bound):
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+def host_or_traced_rng(rngs: nnx.Rngs):
+    """The next parameter key, as a numpy Generator when eager, else the traced key itself.
+
+    Eager construction draws on the host, seeded from the NNX key: compiling one random kernel
+    per tensor shape made building even the nano model take ~20 s. Under `nnx.eval_shape` (shapes
+    only) the traced key is returned so nothing is drawn at all.
+    """
+    key = rngs.params()
+    if isinstance(key, jax.core.Tracer):
+        return key
+    return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+
+def random_uniform(rngs: nnx.Rngs, shape, bound: float):
+    rng = host_or_traced_rng(rngs)
+    if isinstance(rng, np.random.Generator):
+        return jnp.asarray(rng.uniform(-bound, bound, shape).astype(np.float32))
+    return jax.random.uniform(rng, shape, jnp.float32, -bound, bound)
+
+
+def random_normal(rngs: nnx.Rngs, shape, mean: float, std: float):
+    rng = host_or_traced_rng(rngs)
+    if isinstance(rng, np.random.Generator):
+        return jnp.asarray(rng.normal(mean, std, shape).astype(np.float32))
+    return mean + std * jax.random.normal(rng, shape, jnp.float32)
 
 
 class Conv2d(nnx.Module):
@@ -53,8 +77,8 @@ class Conv2d(nnx.Module):
 
     def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, *, bias: bool = False, dtype=None, rngs: nnx.Rngs):
         bound = 1.0 / math.sqrt(c1 * k * k)
-        self.weight = nnx.Param(_uniform(rngs.params(), (k, k, c1, c2), bound))
-        self.bias = nnx.Param(_uniform(rngs.params(), (c2,), bound)) if bias else None
+        self.weight = nnx.Param(random_uniform(rngs, (k, k, c1, c2), bound))
+        self.bias = nnx.Param(random_uniform(rngs, (c2,), bound)) if bias else None
         self.stride = s
         self.pad = k // 2
         self.dtype = dtype
