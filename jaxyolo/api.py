@@ -148,7 +148,7 @@ class Detector:
         meta = {"format": CHECKPOINT_FORMAT, "name": self.spec.name, "table": self.table,
                 "nc": self.spec.nc, "anchors": [[v for wh in lvl for v in wh] for lvl in self.spec.anchors],
                 "options": dataclasses.asdict(self.options)}
-        state = nnx.state(self.model).to_pure_dict()
+        state = nnx.to_pure_dict(nnx.state(self.model))
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
             ckptr.save(path, ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                        force=True)
@@ -223,7 +223,7 @@ def load(path: str | Path) -> Detector:
                          seed=0, abstract=True)
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: checkpoint description is incomplete ({e})") from None
-        abstract = nnx.state(det.model).to_pure_dict()
+        abstract = nnx.to_pure_dict(nnx.state(det.model))
         state = ckptr.restore(path, ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     graphdef, st = nnx.split(det.model)
     nnx.replace_by_pure_dict(st, state)

@@ -118,6 +118,11 @@ def load_state_dict(model, state: Mapping[str, np.ndarray], *, source: str = "st
         for e in todo
         if e.key in state and tuple(np.shape(state[e.key])) != e.shape
     ]
+    if len(bad_shape) > len(todo) // 2:
+        raise CheckpointError(
+            f"{source}: {len(bad_shape)} of {len(todo)} tensors have other shapes than the model's, probably a "
+            f"different model scale or table (first: {bad_shape[0]})"
+        )
     problems = []
     if missing:
         problems.append(f"missing keys: {_names(missing)}")
