@@ -236,7 +236,8 @@ def load_torch(name: str | Path, path: str | Path, *, num_classes: int | None = 
 
     Reads a plain state_dict `.pt`, an official release checkpoint (`{'model': <module>, ...}`,
     possibly fp16) without the reference code and without executing anything from the file, or a
-    `.npz` of reference-named arrays. torch is not needed. The head type and K come from the
+    `.npz` of reference-named arrays; a checkpoint with an `'ema'` module gives the EMA weights.
+    torch is not needed. The head type and K come from the
     keys (`ia`/`im` present: implicit head, K = their leading size); the classes from the head
     conv; the anchors from the `anchor_grid` buffer when present.
     """
@@ -252,7 +253,9 @@ def load_torch(name: str | Path, path: str | Path, *, num_classes: int | None = 
         except Exception as e:  # numpy raises several types for a bad archive
             raise CheckpointError(f"{path}: not a readable .npz archive ({type(e).__name__}: {e})") from None
     else:
-        state = extract_state_dict(read_torch_file(path), source=str(path))
+        # The EMA weights are the evaluated ones: use them whenever the file has them (as the
+        # reference repositories' loaders do).
+        state = extract_state_dict(read_torch_file(path), source=str(path), prefer_ema=True)
 
     table_name, table = mcfg.load_table(name)
     spec = mcfg.resolve(table, name=table_name)

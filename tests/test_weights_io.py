@@ -162,6 +162,12 @@ RELEASE_SCRIPT = textwrap.dedent(
     root.half()  # release checkpoints are stored in fp16
     torch.save({"epoch": -1, "best_fitness": None, "training_results": None, "model": root,
                 "optimizer": None}, sys.argv[3])
+    import copy
+    raw = copy.deepcopy(root)
+    with torch.no_grad():
+        for p in raw.parameters():
+            p.zero_()
+    torch.save({"epoch": 7, "model": raw, "ema": root, "updates": 100}, sys.argv[4])  # an unstripped last.pt
     """
 )
 
@@ -179,9 +185,9 @@ def test_official_release_checkpoint_loads_without_reference_code(tmp_path, imag
     )
     det = perturbed(jaxyolo.create_model("yolov4p", num_classes=3, kst=1, seed=3))
     write_state_dict(tmp_path / "sd.pt", det.state_dict())
-    release = tmp_path / "release.pt"
-    subprocess.run([sys.executable, "-c", RELEASE_SCRIPT, str(pkg.parent), str(tmp_path / "sd.pt"), str(release)],
-                   check=True, capture_output=True)
+    release, last = tmp_path / "release.pt", tmp_path / "last.pt"
+    subprocess.run([sys.executable, "-c", RELEASE_SCRIPT, str(pkg.parent), str(tmp_path / "sd.pt"), str(release),
+                    str(last)], check=True, capture_output=True)
     assert "models" not in sys.modules
     back = jaxyolo.load_torch("yolov4p", release)
     assert back.kst == 1 and back.num_classes == 3
@@ -191,6 +197,9 @@ def test_official_release_checkpoint_loads_without_reference_code(tmp_path, imag
         np.testing.assert_array_equal(back.state_dict()[k], expect, err_msg=k)
     for a, b in zip(det.forward_raw(images), back.forward_raw(images)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.05, rtol=0.02)  # fp16 weights
+    from_last = jaxyolo.load_torch("yolov4p", last).state_dict()  # 'ema' wins over the (zeroed) 'model'
+    for k, v in back.state_dict().items():
+        np.testing.assert_array_equal(from_last[k], v, err_msg=k)
 
 
 def test_save_and_load_round_trip(tiny, tmp_path, images):
