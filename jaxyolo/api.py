@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence

@@ -6,14 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import IMG, perturbed
 from flax import nnx
 
 import jaxyolo
 from jaxyolo.models import config as mcfg
 from jaxyolo.models import layers as L
 from jaxyolo.models.yolo import apply
-
-from conftest import IMG, perturbed
 
 
 # Spec §6 (measured on the reference code).

@@ -11,12 +11,11 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import SPEC_DIR, perturbed
+from jaxyolo.tools import cli
 
 import jaxyolo
 from jaxyolo.export.torch_format import write_state_dict
-from jaxyolo.tools import cli
-
-from conftest import SPEC_DIR, perturbed
 
 
 def _read_tsv(name):

@@ -20,7 +20,9 @@ from typing import Mapping
 import numpy as np
 from flax import nnx
 
+from jaxyolo.export.state_dict import load_state_dict, to_state_dict
 from jaxyolo.models.layers import BN_EPS
+from jaxyolo.models.yolo import YOLO
 
 
 def fold_state_dict(
@@ -76,9 +78,6 @@ def fold(model, *, kst_index=None, bn: bool = True):
     pair folds that candidate pair. `bn=False` keeps BatchNorms (a plain Detect model with the
     reference's Detect keys, loadable by the reference code).
     """
-    from jaxyolo.export.state_dict import load_state_dict, to_state_dict
-    from jaxyolo.models.yolo import YOLO
-
     head_prefix = f"model.{len(model.spec.layers) - 1}."
     folded = fold_state_dict(to_state_dict(model), head_prefix=head_prefix, kst_index=kst_index,
                              bn=bn and not model.options.fused)
