@@ -101,7 +101,13 @@ class Detector:
         graphdef, state = nnx.split(self.model)
         return _jit_all_kst(graphdef, state, images, self.kst)
 
+    def _require_values(self, what: str):
+        leaf = jax.tree.leaves(nnx.state(self.model))[0]
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            raise ConfigError(f"{what}: this detector was built with abstract=True (shapes only, no weights)")
+
     def _check_images(self, images):
+        self._require_values("forward")
         images = jnp.asarray(images)
         if images.ndim == 3:
             images = images[None]
@@ -143,6 +149,7 @@ class Detector:
         """Save as an Orbax checkpoint folder: the model's variables plus a JSON description."""
         import orbax.checkpoint as ocp
 
+        self._require_values("save")
         path = Path(path).absolute()
         meta = {"format": CHECKPOINT_FORMAT, "name": self.spec.name, "table": self.table,
                 "nc": self.spec.nc, "anchors": [[v for wh in lvl for v in wh] for lvl in self.spec.anchors],

@@ -224,7 +224,9 @@ def test_bad_inputs_are_named():
         jaxyolo.create_model("yolov4p", kst=0)
     with pytest.raises(jaxyolo.ConfigError, match="act"):
         jaxyolo.create_model("yolov4p", act="gelu9")
-    det = jaxyolo.create_model("yolov4p", abstract=True)
+    with pytest.raises(jaxyolo.ConfigError, match="abstract=True"):
+        jaxyolo.create_model("yolov4p", abstract=True).forward_raw(np.zeros((1, 64, 64, 3), np.float32))
+    det = jaxyolo.create_model("yolov4p", num_classes=2)
     with pytest.raises(jaxyolo.ConfigError, match="multiples of 32"):
         det.forward_raw(np.zeros((1, 50, 64, 3), np.float32))
     with pytest.raises(jaxyolo.ConfigError, match="NHWC"):
