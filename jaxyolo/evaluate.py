@@ -1,0 +1,584 @@
+"""Post-processing and evaluation: NMS, letterbox inverse, COCO json, COCO and VOC metrics (spec §11).
+
+The pieces follow the reference's `test.py` so that a number measured here means what the paper's
+numbers mean: confidence 0.001, multi-label class-aware NMS at IoU 0.65 keeping 300 boxes per image,
+boxes mapped back to the original image and clipped, json rounded to 3 / 5 decimals, AP from
+pycocotools. `nms` runs on device with fixed shapes; everything after it runs on the host in NumPy.
+
+Conventions: boxes are xyxy pixels; class ids are 0..nc-1; COCO category ids appear only in the
+json (`category_ids[c]`). A per-class number that is undefined (no ground truth of that class) is
+NaN; the 12 COCO stats keep cocoapi's own -1 for an undefined entry so that they equal cocoapi.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxyolo.errors import JaxyoloError
+
+MAX_WH = 4096  # class offset of class-aware NMS (reference `max_wh`): no two classes' boxes overlap
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+class EvaluationError(JaxyoloError, ValueError):
+    """A ground-truth or detections file (or object) is malformed or does not fit the other."""
+
+
+# --------------------------------------------------------------------------------------------- NMS
+
+
+class Detections(NamedTuple):
+    """Padded per-image detections; rows at and past `count[b]` are padding (zeros, class -1)."""
+
+    boxes: jax.Array  # (B, max_det, 4) xyxy in network-input pixels
+    scores: jax.Array  # (B, max_det) objectness x class probability
+    classes: jax.Array  # (B, max_det) int32
+    count: jax.Array  # (B,) int32
+
+    @property
+    def valid(self) -> jax.Array:
+        """(B, max_det) bool mask of real rows."""
+        return jnp.arange(self.scores.shape[-1])[None, :] < self.count[:, None]
+
+
+def _xywh2xyxy(b):
+    return jnp.concatenate([b[..., :2] - b[..., 2:4] / 2, b[..., :2] + b[..., 2:4] / 2], axis=-1)
+
+
+def _pairwise_iou(a, b):
+    """IoU of every box in a (n, 4) with every box in b (m, 4); NaN for two empty boxes, which
+    then suppresses nothing, as in torchvision."""
+    lt = jnp.maximum(a[:, None, :2], b[None, :, :2])
+    rb = jnp.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = jnp.clip(rb - lt, 0)
+    inter = wh[..., 0] * wh[..., 1]
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+def _greedy_in_block(alive, suppresses):
+    """Exact greedy NMS inside one score-sorted block, as a fixed-point iteration.
+
+    keep[j] = alive[j] and no kept i < j suppresses j. That recursion has exactly one solution (the
+    greedy one), and iterating it from keep = alive fixes one more leading box per step, so the loop
+    stops on the greedy answer, usually after a handful of steps instead of one per box.
+    """
+
+    def step(state):
+        keep, _ = state
+        new = alive & ~jnp.any(suppresses & keep[:, None], axis=0)
+        return new, jnp.any(new != keep)
+
+    keep, _ = jax.lax.while_loop(lambda s: s[1], step, (alive, jnp.array(True)))
+    return keep
+
+
+def _greedy_nms(boxes, valid, iou_thres, max_det: int, block: int):
+    """Greedy NMS of one image's candidates, sorted by descending score with the valid ones first.
+
+    Returns (indices of kept candidates padded with -1, count). A candidate's fate depends only on
+    the kept boxes before it, and at most `max_det` are kept, so each block is checked against a
+    (max_det, 4) buffer of kept boxes plus itself: memory O(block * (block + max_det)) instead of
+    O(K^2), and the loop ends as soon as max_det boxes are kept or the valid candidates run out.
+    """
+    k = boxes.shape[0]
+    nblk = -(-k // block)
+    pad = nblk * block - k
+    boxes = jnp.pad(boxes, ((0, pad), (0, 0)))
+    valid = jnp.pad(valid, (0, pad))
+    n_valid = jnp.sum(valid)
+    later = jnp.triu(jnp.ones((block, block), bool), k=1)  # later[i, j]: i comes before j
+
+    def cond(state):
+        blk, count, _, _ = state
+        return (blk < nblk) & (blk * block < n_valid) & (count < max_det)
+
+    def body(state):
+        blk, count, kept_idx, kept_boxes = state
+        start = blk * block
+        bb = jax.lax.dynamic_slice_in_dim(boxes, start, block)
+        bv = jax.lax.dynamic_slice_in_dim(valid, start, block)
+        used = jnp.arange(max_det) < count
+        hit_prev = jnp.any((_pairwise_iou(bb, kept_boxes) > iou_thres) & used[None, :], axis=1)
+        keep = _greedy_in_block(bv & ~hit_prev, (_pairwise_iou(bb, bb) > iou_thres) & later)
+        pos = jnp.where(keep, count + jnp.cumsum(keep) - 1, max_det)  # out of range -> dropped
+        kept_idx = kept_idx.at[pos].set(start + jnp.arange(block, dtype=jnp.int32), mode="drop")
+        kept_boxes = kept_boxes.at[pos].set(bb, mode="drop")
+        count = jnp.minimum(count + jnp.sum(keep, dtype=jnp.int32), max_det)
+        return blk + 1, count, kept_idx, kept_boxes
+
+    init = (jnp.int32(0), jnp.int32(0), jnp.full((max_det,), -1, jnp.int32), jnp.zeros((max_det, 4), boxes.dtype))
+    _, count, kept_idx, _ = jax.lax.while_loop(cond, body, init)
+    return kept_idx, count
+
+
+def _candidates(decoded, conf_thres, multi_label: bool, k: int):
+    """(B, N, 5+nc) -> the best k candidates: score (invalid -> -inf), box index and class, sorted.
+
+    Multi-label pairs are laid out box-major (torch `nonzero` order) and top_k puts the lower index
+    first among equal scores, so ties keep the reference's candidate order.
+    """
+    b, n, no = decoded.shape
+    nc = no - 5
+    obj = decoded[..., 4]
+    scores = decoded[..., 5:] * obj[..., None]
+    if multi_label and nc > 1:
+        ok = (obj[..., None] > conf_thres) & (scores > conf_thres)
+        top_s, top_i = jax.lax.top_k(jnp.where(ok, scores, -jnp.inf).reshape(b, n * nc), k)
+        return top_s, top_i // nc, (top_i % nc).astype(jnp.int32)
+    best = jnp.max(scores, axis=-1)
+    cls = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    ok = (obj > conf_thres) & (best > conf_thres)
+    top_s, top_i = jax.lax.top_k(jnp.where(ok, best, -jnp.inf), k)
+    return top_s, top_i, jnp.take_along_axis(cls, top_i, axis=1)
+
+
+def nms(
+    decoded,
+    *,
+    conf_thres: float = 0.001,
+    iou_thres: float = 0.65,
+    max_det: int = 300,
+    multi_label: bool = True,
+    max_candidates: int = 30000,
+    block_size: int = 512,
+) -> Detections:
+    """Batched class-aware NMS of `decode` output (B, N, 5+nc), the reference's non_max_suppression.
+
+    Drops objectness <= conf_thres; score = objectness x class probability; with nc > 1 and
+    multi_label every (box, class) pair scoring > conf_thres is a candidate, else each box's best
+    class; boxes are offset by class * 4096 px so classes never suppress each other; greedy NMS
+    suppresses IoU > iou_thres; at most max_det kept per image, best first.
+
+    Fixed shapes: only the best `max_candidates` candidates per image enter NMS (30000, as the
+    later yolov5 `max_nms` pre-limit; the reference itself has none, so results equal it whenever
+    an image has fewer candidates). Ties in score keep candidate order (box, then class). The greedy
+    pass is exact, in blocks of `block_size` sorted candidates.
+    """
+    # thresholds always go in as traced arguments: jit would compile separately for a left-out default
+    return _nms(decoded, jnp.float32(conf_thres), jnp.float32(iou_thres), max_det=max_det, multi_label=multi_label,
+                max_candidates=max_candidates, block_size=block_size)
+
+
+@functools.partial(jax.jit, static_argnames=("max_det", "multi_label", "max_candidates", "block_size"))
+def _nms(decoded, conf_thres, iou_thres, *, max_det, multi_label, max_candidates, block_size) -> Detections:
+    x = decoded.astype(jnp.float32)
+    _, n, no = x.shape
+    k = min(max_candidates, n * (no - 5) if multi_label and no > 6 else n)
+    top_s, cand_box_idx, cand_cls = _candidates(x, conf_thres, multi_label, k)
+    cand_boxes = _xywh2xyxy(jnp.take_along_axis(x[..., :4], cand_box_idx[..., None], axis=1))
+    offset = (cand_cls * MAX_WH).astype(jnp.float32)[..., None]
+    kept, count = jax.vmap(_greedy_nms, in_axes=(0, 0, None, None, None))(
+        cand_boxes + offset, top_s > -jnp.inf, iou_thres, max_det, min(block_size, k)
+    )
+    valid = kept >= 0
+    safe = jnp.maximum(kept, 0)
+    out_boxes = jnp.where(valid[..., None], jnp.take_along_axis(cand_boxes, safe[..., None], axis=1), 0.0)
+    out_scores = jnp.where(valid, jnp.take_along_axis(top_s, safe, axis=1), 0.0)
+    out_cls = jnp.where(valid, jnp.take_along_axis(cand_cls, safe, axis=1), -1)
+    return Detections(out_boxes, out_scores, out_cls, count)
+
+
+def split_detections(dets: Detections) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Padded `nms` output -> per-image host (boxes, scores, classes) without the padding."""
+    boxes, scores, classes, count = (np.asarray(a) for a in dets)
+    return [(boxes[i, :c], scores[i, :c], classes[i, :c]) for i, c in enumerate(count.tolist())]
+
+
+def nms_numpy(
+    decoded,
+    *,
+    conf_thres: float = 0.001,
+    iou_thres: float = 0.65,
+    max_det: int = 300,
+    multi_label: bool = True,
+    max_candidates: int | None = None,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Plain-loop reference of `nms` (for tests): per image (boxes xyxy, scores, classes).
+
+    Written independently of the JAX code: a Python list of candidates, a stable sort, and the
+    textbook greedy loop. Scores are float32 products as on device; IoU is float64.
+    """
+    out = []
+    for x in np.asarray(decoded, np.float32):
+        nc = x.shape[1] - 5
+        cands = []  # (score, box row, class) in box-major order
+        for i, row in enumerate(x):
+            if not row[4] > conf_thres:
+                continue
+            s = row[5:] * row[4]
+            if multi_label and nc > 1:
+                cands += [(s[c], i, c) for c in range(nc) if s[c] > conf_thres]
+            elif s[int(np.argmax(s))] > conf_thres:
+                cands.append((s[int(np.argmax(s))], i, int(np.argmax(s))))
+        cands.sort(key=lambda t: -t[0])  # list.sort is stable
+        if max_candidates is not None:
+            cands = cands[:max_candidates]
+        kept = []
+        for s, i, c in cands:
+            cx, cy, w, h = x[i, :4]
+            box = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], np.float32)
+            shifted = [float(v) + c * MAX_WH for v in box]  # Python floats: float64, and fast
+            if not any(_iou_one(shifted, kb[3]) > iou_thres for kb in kept):
+                kept.append((box, s, c, shifted))
+                if len(kept) == max_det:
+                    break
+        out.append((
+            np.array([k[0] for k in kept], np.float32).reshape(-1, 4),
+            np.array([k[1] for k in kept], np.float32),
+            np.array([k[2] for k in kept], np.int32),
+        ))
+    return out
+
+
+def _iou_one(a, b) -> float:
+    iw = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
+    ih = max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else math.nan
+
+
+# ------------------------------------------------------------------------------------ coordinates
+
+
+def scale_boxes(boxes, from_shape, to_shape, ratio_pad=None) -> np.ndarray:
+    """xyxy boxes on a letterboxed canvas of `from_shape` (h, w) -> pixels of the original image
+    of `to_shape` (h0, w0), clipped to it; the reference's scale_coords.
+
+    Without `ratio_pad` the gain and centred padding are inferred from the two shapes, which is
+    only right for a plain letterbox. Rect batches pad more than that (spec §11: half a stride
+    on each side), so evaluation passes the loader's ((gain_h, gain_w), (pad_w, pad_h)); as in
+    the reference only gain_h is used.
+    """
+    b = np.array(boxes, dtype=np.float64)  # a copy: the caller's array is left alone
+    if ratio_pad is None:
+        gain = min(from_shape[0] / to_shape[0], from_shape[1] / to_shape[1])
+        pad = ((from_shape[1] - to_shape[1] * gain) / 2, (from_shape[0] - to_shape[0] * gain) / 2)
+    else:
+        gain, pad = ratio_pad[0][0], ratio_pad[1]
+    b[..., [0, 2]] -= pad[0]
+    b[..., [1, 3]] -= pad[1]
+    b[..., :4] /= gain
+    b[..., [0, 2]] = b[..., [0, 2]].clip(0, to_shape[1])
+    b[..., [1, 3]] = b[..., [1, 3]].clip(0, to_shape[0])
+    return b
+
+
+def detections_to_coco(boxes, scores, classes, image_ids, category_ids) -> list[dict]:
+    """Per-image xyxy detections (original pixels) -> COCO results json list.
+
+    bbox is [x_min, y_min, w, h] rounded to 3 decimals and score to 5, as the reference writes it;
+    `category_ids[c]` maps class index c to the COCO id (e.g. 80 -> 91-id COCO).
+    """
+    if not len(boxes) == len(scores) == len(classes) == len(image_ids):
+        raise EvaluationError(
+            f"detections_to_coco: {len(boxes)} box arrays, {len(scores)} score arrays, "
+            f"{len(classes)} class arrays and {len(image_ids)} image ids; need one of each per image"
+        )
+    out = []
+    for b, s, c, image_id in zip(boxes, scores, classes, image_ids):
+        b = np.asarray(b, np.float64).reshape(-1, 4)
+        c = np.asarray(c).reshape(-1)
+        if c.size and not (0 <= c.min() and c.max() < len(category_ids)):
+            raise EvaluationError(f"detections_to_coco: image {image_id} has class {c.max()} or {c.min()}, "
+                                  f"outside 0..{len(category_ids) - 1} (the category_ids given)")
+        xywh = np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1)
+        for box, score, cls in zip(xywh.tolist(), np.asarray(s).tolist(), c.tolist()):
+            out.append({
+                "image_id": int(image_id),
+                "category_id": int(category_ids[int(cls)]),
+                "bbox": [round(v, 3) for v in box],
+                "score": round(float(score), 5),
+            })
+    return out
+
+
+# ------------------------------------------------------------------------------------------ COCO
+
+
+def _load_json(src, what: str) -> tuple[Any, str]:
+    """(parsed object, name for messages) from a path or an already-parsed object."""
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise EvaluationError(f"{path}: cannot read the {what} file: {e.strerror or e}") from None
+        try:
+            return json.loads(text), str(path)
+        except json.JSONDecodeError as e:
+            raise EvaluationError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    return src, f"<{what}>"
+
+
+def _require(items, key: str, fields: Sequence[str], name: str) -> None:
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise EvaluationError(f"{name}: {key}[{i}] is a {type(item).__name__}, not an object")
+        missing = [f for f in fields if f not in item]
+        if missing:
+            raise EvaluationError(f"{name}: {key}[{i}] has no {', '.join(repr(f) for f in missing)}")
+
+
+def _check_ground_truth(gt, name: str) -> None:
+    if not isinstance(gt, dict):
+        raise EvaluationError(f"{name}: ground truth must be a JSON object, got a {type(gt).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(gt.get(key), list):
+            raise EvaluationError(f"{name}: ground truth needs a list {key!r}" + ("" if key in gt else " (missing)"))
+    _require(gt["images"], "images", ("id",), name)
+    _require(gt["categories"], "categories", ("id",), name)
+    _require(gt["annotations"], "annotations", ("id", "image_id", "category_id", "bbox", "area"), name)
+    image_ids = {im["id"] for im in gt["images"]}
+    cat_ids = {c["id"] for c in gt["categories"]}
+    for i, a in enumerate(gt["annotations"]):
+        if a["image_id"] not in image_ids:
+            raise EvaluationError(f"{name}: annotations[{i}] has image_id {a['image_id']} not in 'images'")
+        if a["category_id"] not in cat_ids:
+            raise EvaluationError(f"{name}: annotations[{i}] has category_id {a['category_id']} not in 'categories'")
+
+
+def _check_detections(dets, name: str, gt: dict, iou_type: str) -> None:
+    if not isinstance(dets, list):
+        raise EvaluationError(f"{name}: detections must be a JSON list of objects, got a {type(dets).__name__}")
+    geometry = "bbox" if iou_type == "bbox" else "segmentation"
+    _require(dets, "detections", ("image_id", "category_id", "score", geometry), name)
+    image_ids = {im["id"] for im in gt["images"]}
+    cat_ids = {c["id"] for c in gt["categories"]}
+    for i, d in enumerate(dets):
+        if iou_type == "bbox" and not (isinstance(d["bbox"], list) and len(d["bbox"]) == 4):
+            raise EvaluationError(f"{name}: detections[{i}]['bbox'] must be [x, y, w, h], got {d['bbox']!r}")
+    unknown = sorted({d["image_id"] for d in dets} - image_ids, key=str)
+    if unknown:
+        raise EvaluationError(
+            f"{name}: {len(unknown)} image id(s) not in the ground truth, e.g. {unknown[:5]}"
+        )
+    unknown = sorted({d["category_id"] for d in dets} - cat_ids, key=str)
+    if unknown:
+        raise EvaluationError(f"{name}: category id(s) not in the ground truth: {unknown[:10]}")
+
+
+def _coco_objects(gt: dict, dets: list):
+    """pycocotools COCO objects for gt and results, built from dicts (copies: pycocotools writes
+    into annotations). An empty result list gets an empty result set, which loadRes cannot make."""
+    from pycocotools.coco import COCO
+
+    coco_gt = COCO()
+    coco_gt.dataset = copy.deepcopy(gt)
+    coco_gt.createIndex()
+    if dets:
+        return coco_gt, coco_gt.loadRes(copy.deepcopy(dets))
+    coco_dt = COCO()
+    coco_dt.dataset = {"images": list(gt["images"]), "categories": copy.deepcopy(gt["categories"]), "annotations": []}
+    coco_dt.createIndex()
+    return coco_gt, coco_dt
+
+
+def _per_class(cocoeval, gt: dict, image_ids) -> dict:
+    """AP (IoU .50:.95) and AP50 per category from the accumulated precision array
+    [iou, recall, class, area, maxDets], area 'all' and maxDets 100, as summarize() averages it."""
+    precision = cocoeval.eval["precision"]
+    names = {c["id"]: str(c.get("name", c["id"])) for c in gt["categories"]}
+    seen = list(names.values())
+    names = {i: n if seen.count(n) == 1 else f"{n} ({i})" for i, n in names.items()}  # keys stay unique
+    wanted = set(image_ids)
+    n_gt = {}
+    for a in gt["annotations"]:
+        if a["image_id"] in wanted and not a.get("iscrowd", 0):
+            n_gt[a["category_id"]] = n_gt.get(a["category_id"], 0) + 1
+
+    def mean_defined(p):
+        p = p[p > -1]
+        return float(p.mean()) if p.size else math.nan
+
+    out = {}
+    for k, cat_id in enumerate(cocoeval.params.catIds):
+        out[names[cat_id]] = {
+            "category_id": int(cat_id),
+            "n_gt": n_gt.get(cat_id, 0),
+            "AP": mean_defined(precision[:, :, k, 0, -1]),
+            "AP50": mean_defined(precision[0, :, k, 0, -1]),
+        }
+    return out
+
+
+def coco_evaluate(gt, dets, *, iou_type: str = "bbox", image_ids=None) -> dict:
+    """COCO metrics of detections against ground truth with pycocotools (the reference's AP).
+
+    gt: COCO ground-truth dict or json path; dets: results list or json path. image_ids limits
+    the evaluation to those images (default: every ground-truth image). Returns the 12 stats under
+    STAT_NAMES, `per_class` {name: {category_id, n_gt, AP, AP50}}, and `summary`, cocoapi's own
+    printed table. pycocotools' printing is captured, never shown.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    if iou_type not in ("bbox", "segm"):
+        raise EvaluationError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    gt, gt_name = _load_json(gt, "ground truth")
+    _check_ground_truth(gt, gt_name)
+    dets, dets_name = _load_json(dets, "detections")
+    _check_detections(dets, dets_name, gt, iou_type)
+    all_ids = sorted(im["id"] for im in gt["images"])
+    if image_ids is None:
+        image_ids = all_ids
+    else:
+        image_ids = sorted({int(i) for i in image_ids})
+        unknown = sorted(set(image_ids) - set(all_ids))
+        if unknown:
+            raise EvaluationError(f"{gt_name}: image_ids not in the ground truth, e.g. {unknown[:5]}")
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt, coco_dt = _coco_objects(gt, dets)
+        cocoeval = COCOeval(coco_gt, coco_dt, iou_type)
+        cocoeval.params.imgIds = image_ids
+        cocoeval.evaluate()
+        cocoeval.accumulate()
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        cocoeval.summarize()
+    result = {name: float(v) for name, v in zip(STAT_NAMES, cocoeval.stats)}
+    result["per_class"] = _per_class(cocoeval, gt, image_ids)
+    result["summary"] = summary.getvalue().rstrip("\n")
+    return result
+
+
+# ------------------------------------------------------------------------------------------- VOC
+
+
+def _iou_matrix_np(a, b) -> np.ndarray:
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=-1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+def _match_image(det_boxes, det_scores, gt_boxes, difficult, iou_thres):
+    """VOC matching inside one image and class: detections by descending score take the
+    best-overlapping ground truth; a second hit on it is a false positive; a hit on a difficult
+    one counts as neither. Returns (tp, fp) flags in the given detection order."""
+    n = len(det_scores)
+    tp, fp = np.zeros(n), np.zeros(n)
+    if not len(gt_boxes):
+        fp[:] = 1
+        return tp, fp
+    iou = _iou_matrix_np(det_boxes, gt_boxes)
+    taken = np.zeros(len(gt_boxes), bool)
+    for d in np.argsort(-det_scores, kind="stable"):
+        j = int(np.argmax(iou[d]))
+        if not iou[d, j] > iou_thres:
+            fp[d] = 1
+        elif difficult[j]:
+            continue
+        elif not taken[j]:
+            tp[d], taken[j] = 1, True
+        else:
+            fp[d] = 1
+    return tp, fp
+
+
+def _ap_all_point(rec, prec) -> float:
+    """Area under the precision envelope (VOC2010+)."""
+    mrec = np.concatenate([[0.0], rec, [1.0]])
+    mpre = np.concatenate([[0.0], prec, [0.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    i = np.nonzero(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
+
+
+def _ap_11_point(rec, prec) -> float:
+    """Mean of the best precision at recall >= 0, .1, ..., 1 (VOC2007)."""
+    return float(np.mean([prec[rec >= t].max() if np.any(rec >= t) else 0.0 for t in np.arange(11) / 10]))
+
+
+def voc_map(detections, ground_truths, num_classes: int, *, iou_thres: float = 0.5) -> dict:
+    """Pascal VOC AP per class at IoU > iou_thres, all-point and 11-point, and their means.
+
+    detections[i] = (boxes (n, 4) xyxy, scores (n,), classes (n,)) and ground_truths[i] =
+    (boxes (m, 4), classes (m,)[, difficult (m,)]) for image i. Boxes are continuous pixel
+    coordinates (no VOC devkit "+1"). Classes without ground truth get NaN and are left out of
+    the means. Returns mAP50, mAP50_11pt and per-class arrays AP50, AP50_11pt, n_gt.
+    """
+    if len(detections) != len(ground_truths):
+        raise EvaluationError(f"voc_map: {len(detections)} images of detections but {len(ground_truths)} of ground truth")
+    scores = [[] for _ in range(num_classes)]
+    tps = [[] for _ in range(num_classes)]
+    fps = [[] for _ in range(num_classes)]
+    n_gt = np.zeros(num_classes, np.int64)
+    for det, gt in zip(detections, ground_truths):
+        db, ds, dc = (np.asarray(a) for a in det[:3])
+        gb, gc = np.asarray(gt[0], np.float64).reshape(-1, 4), np.asarray(gt[1]).reshape(-1)
+        gd = np.asarray(gt[2], bool) if len(gt) > 2 else np.zeros(len(gc), bool)
+        db, ds, dc = db.reshape(-1, 4).astype(np.float64), ds.reshape(-1).astype(np.float64), dc.reshape(-1)
+        for c in range(num_classes):
+            g, d = gc == c, dc == c
+            n_gt[c] += int(np.sum(g & ~gd))
+            if np.any(d):
+                tp, fp = _match_image(db[d], ds[d], gb[g], gd[g], iou_thres)
+                scores[c].append(ds[d])
+                tps[c].append(tp)
+                fps[c].append(fp)
+    ap = np.full(num_classes, np.nan)
+    ap11 = np.full(num_classes, np.nan)
+    for c in range(num_classes):
+        if n_gt[c] == 0:
+            continue
+        s = np.concatenate(scores[c]) if scores[c] else np.zeros(0)
+        order = np.argsort(-s, kind="stable")
+        tp = np.cumsum(np.concatenate(tps[c])[order]) if tps[c] else np.zeros(0)
+        fp = np.cumsum(np.concatenate(fps[c])[order]) if fps[c] else np.zeros(0)
+        rec = tp / n_gt[c]
+        prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+        ap[c], ap11[c] = _ap_all_point(rec, prec), _ap_11_point(rec, prec)
+    has_gt = n_gt > 0
+    return {
+        "mAP50": float(ap[has_gt].mean()) if has_gt.any() else math.nan,
+        "mAP50_11pt": float(ap11[has_gt].mean()) if has_gt.any() else math.nan,
+        "AP50": ap,
+        "AP50_11pt": ap11,
+        "n_gt": n_gt,
+    }
+
+
+# ------------------------------------------------------------------------------------ everything
+
+
+def evaluate_predictions(predictions, dataset) -> dict:
+    """COCO and VOC metrics of per-image predictions on a DetectionDataset.
+
+    predictions[i] = (boxes xyxy in original-image pixels, scores, classes) for dataset[i].
+    Returns {"coco": coco_evaluate(...), "voc": voc_map(...), "per_class": [rows]} where each row
+    holds class, category_id, n_gt, AP, AP50 (COCO) and voc_AP50, voc_AP50_11pt.
+    """
+    if len(predictions) != len(dataset):
+        raise EvaluationError(f"evaluate_predictions: {len(predictions)} predictions for {len(dataset)} images")
+    boxes, scores, classes = ([p[j] for p in predictions] for j in range(3))
+    dets = detections_to_coco(boxes, scores, classes, dataset.image_ids, dataset.category_ids)
+    coco = coco_evaluate(dataset.coco_ground_truth(), dets, image_ids=dataset.image_ids)
+    voc = voc_map(predictions, [dataset.labels(i) for i in range(len(dataset))], dataset.num_classes)
+    by_id = {v["category_id"]: v for v in coco["per_class"].values()}
+    table = []
+    for c, (name, cat_id) in enumerate(zip(dataset.names, dataset.category_ids)):
+        row = by_id[int(cat_id)]
+        table.append({
+            "class": name, "category_id": int(cat_id), "n_gt": row["n_gt"], "AP": row["AP"], "AP50": row["AP50"],
+            "voc_AP50": float(voc["AP50"][c]), "voc_AP50_11pt": float(voc["AP50_11pt"][c]),
+        })
+    return {"coco": coco, "voc": voc, "per_class": table}

@@ -1,0 +1,127 @@
+"""Hyper-parameters as a pytree of arrays.
+
+Every value that a search may change enters the jitted step as an array leaf, so one compiled
+step serves every member of a population (a leading axis P on every leaf). Files use the
+reference key names (spec §9), so yolov5 / ScaledYOLOv4 / YOLOR hyp files load unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from jaxyolo.errors import ConfigError
+
+DEFAULT_FILE = "scratch-s"
+
+# keys the train step reads; each is a float scalar except `balance` (one weight per level)
+KEYS = (
+    "lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",
+    "box", "cls", "cls_pw", "obj", "obj_pw", "anchor_t", "label_smoothing", "balance",
+    "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective",
+    "flipud", "fliplr", "mosaic", "mixup",
+)
+# keys reference files carry that do not change this implementation (accepted, not used)
+IGNORED = {"iou_t": "unused by the loss", "anchors": "anchors come from the model table",
+           "copy_paste": "copy-paste augmentation needs segments", "paste_in": "needs segments"}
+RANGES = {  # (low, high) sanity bounds; a value outside is an error naming the key
+    "lr0": (0, 1), "lrf": (0, 1), "momentum": (0, 1), "weight_decay": (0, 1), "warmup_epochs": (0, 1e4),
+    "warmup_momentum": (0, 1), "warmup_bias_lr": (0, 1), "box": (0, 1e3), "cls": (0, 1e3), "cls_pw": (0, 1e3),
+    "obj": (0, 1e3), "obj_pw": (0, 1e3), "anchor_t": (1, 1e3), "label_smoothing": (0, 1), "hsv_h": (0, 1),
+    "hsv_s": (0, 1), "hsv_v": (0, 1), "degrees": (0, 180), "translate": (0, 0.5), "scale": (0, 1),
+    "shear": (0, 90), "perspective": (0, 0.01), "flipud": (0, 1), "fliplr": (0, 1), "mosaic": (0, 1),
+    "mixup": (0, 1), "balance": (0, 1e3),
+}
+
+
+def available() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("jaxyolo.configs").joinpath("hyp").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_hyp(source: str | Path | Mapping | None = None, *, num_levels: int = 3,
+             overrides: Mapping | None = None) -> dict[str, float | list]:
+    """Read a hyp file (a bundled name such as 'scratch-s', a path, or a dict) into plain Python
+    values, checked: missing keys take the bundled default, unknown keys are an error naming
+    them, out-of-range values are an error naming the key."""
+    defaults = _read(DEFAULT_FILE)
+    if source is None:
+        raw, where = {}, "defaults"
+    elif isinstance(source, Mapping):
+        raw, where = dict(source), "hyp dict"
+    else:
+        raw, where = _read(source), str(source)
+    raw = {**raw, **(overrides or {})}
+    if "giou" in raw and "box" not in raw:  # the 2020 name of the box gain
+        raw["box"] = raw.pop("giou")
+    unknown = sorted(set(raw) - set(KEYS) - set(IGNORED) - {"fl_gamma", "giou"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown hyper-parameter(s) {unknown}; known: {sorted(KEYS)}")
+    if float(raw.get("fl_gamma", 0.0) or 0.0) != 0.0:
+        raise ConfigError(f"{where}: fl_gamma={raw['fl_gamma']}: focal loss is not supported (use 0.0)")
+    out: dict = {}
+    for k in KEYS:
+        v = raw.get(k, defaults[k])
+        if k == "balance":
+            v = _balance(v, num_levels, where)
+        else:
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: {k}: expected a number, got {v!r}") from None
+        lo, hi = RANGES[k]
+        vals = v if isinstance(v, list) else [v]
+        if not all(np.isfinite(x) and lo <= x <= hi for x in vals):
+            raise ConfigError(f"{where}: {k}={v} is outside [{lo}, {hi}]")
+        out[k] = v
+    return out
+
+
+def _balance(v, num_levels: int, where: str) -> list[float]:
+    if not isinstance(v, (list, tuple)):
+        raise ConfigError(f"{where}: balance: expected a list of {num_levels} numbers, got {v!r}")
+    v = [float(x) for x in v]
+    if len(v) != num_levels:
+        if len(v) == 3 and num_levels == 4:  # the reference's P6 default
+            return [4.0, 1.0, 0.4, 0.1]
+        raise ConfigError(f"{where}: balance: {len(v)} values for a model with {num_levels} levels")
+    return v
+
+
+def _read(source: str | Path) -> dict:
+    path = Path(source)
+    if not path.suffix and not path.exists():
+        path = Path(str(resources.files("jaxyolo.configs").joinpath("hyp", f"{source}.yaml")))
+        if not path.exists():
+            raise ConfigError(f"hyp {source!r}: no such file; bundled: {available()}")
+    if not path.exists():
+        raise ConfigError(f"hyp file {path}: not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"hyp file {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"hyp file {path}: expected a mapping of hyper-parameters")
+    return data
+
+
+def as_arrays(hyp: Mapping) -> dict:
+    """Plain values -> the pytree the train step takes (float32 scalars, balance (levels,))."""
+    return {k: jnp.asarray(hyp[k], jnp.float32) for k in KEYS}
+
+
+def stack(hyps: Sequence[Mapping]) -> dict:
+    """A population: P hyp sets -> one pytree with a leading axis P."""
+    if not hyps:
+        raise ConfigError("a population needs at least one hyp set")
+    return {k: jnp.asarray(np.stack([np.asarray(h[k], np.float32) for h in hyps])) for k in KEYS}
+
+
+def to_yaml(hyp: Mapping) -> str:
+    plain = {k: (np.asarray(v).tolist() if np.ndim(v) else float(v)) for k, v in hyp.items()}
+    return yaml.safe_dump(plain, sort_keys=False)

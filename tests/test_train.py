@@ -1,0 +1,193 @@
+"""The train step: schedule, optimiser, EMA, population vmap, device mesh, non-finite skip."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import train_case as case
+
+from jaxyolo import hyp as H
+from jaxyolo import train as T
+
+
+def test_schedule_matches_reference_formulas():
+    cfg = T.TrainConfig(epochs=10, batches_per_epoch=100, batch_size=16, img_size=64, min_warmup_iters=50)
+    hyp = H.as_arrays(H.load_hyp(overrides={"warmup_epochs": 2.0}))
+    nw = 200  # max(round(2 * 100), 50)
+    for ni in (0, 57, 199, 200, 201, 350, 999):
+        epoch = ni // 100
+        lf = ((1 + math.cos(math.pi * epoch / 10)) / 2) * (1 - 0.2) + 0.2
+        if ni <= nw:
+            f = ni / nw
+            want = (0.1 + f * (0.01 * lf - 0.1), f * 0.01 * lf, 0.8 + f * (0.937 - 0.8),
+                    max(1, round(1 + f * (64 / 16 - 1))))
+        else:
+            want = (0.01 * lf, 0.01 * lf, 0.937, 4)
+        got = [float(x) for x in T.schedule(jnp.asarray(ni), hyp, cfg)]
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=f"iteration {ni}")
+    lin = T.lr_factor(5, 0.2, 10, "linear")
+    assert abs(float(lin) - (0.5 * 0.8 + 0.2)) < 1e-6
+
+
+def test_param_groups_follow_reference_names():
+    det, _ = case.setup()
+    groups = T.param_groups(det)
+    names = [k for k in det.state_dict() if not k.endswith(("running_mean", "running_var", "num_batches_tracked",
+                                                            "anchors", "anchor_grid"))]
+    got = jax.tree.leaves(groups)
+    assert len(got) == len(names)
+    want = {}
+    for k in names:
+        if k.endswith("implicit") or (".bn." in k or k.split(".")[-2] == "bn") and k.endswith("weight"):
+            want[k] = T.GROUP_NO_DECAY
+        elif k.endswith("bias"):
+            want[k] = T.GROUP_BIAS
+        else:
+            want[k] = T.GROUP_DECAY
+    assert sorted(got) == sorted(want.values())
+    assert sum(v == T.GROUP_NO_DECAY for v in got) == sum(1 for k in names if k.endswith("implicit")) + \
+        sum(1 for k in names if k.endswith("bn.weight"))
+
+
+def test_sgd_matches_torch_nesterov_groups():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=(4,)).astype(np.float32),
+              "g": rng.normal(size=(4,)).astype(np.float32)}
+    groups = {"w": T.GROUP_DECAY, "b": T.GROUP_BIAS, "g": T.GROUP_NO_DECAY}
+    tp = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params.items()}
+    topt = torch.optim.SGD([{"params": [tp["g"]]}, {"params": [tp["w"]], "weight_decay": 5e-3},
+                            {"params": [tp["b"]]}], lr=0.1, momentum=0.9, nesterov=True)
+    layout = T.FlatLayout(params, groups)
+    opt = T.yolo_sgd(layout)
+    jp = {k: jnp.asarray(v) for k, v in params.items()}
+    buf = opt.init(jp)
+    for it, (lr_b, lr_o, mom) in enumerate([(0.1, 0.0, 0.8), (0.05, 0.02, 0.85), (0.01, 0.01, 0.937)]):
+        grads = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+        for i, grp in enumerate(topt.param_groups):
+            grp["lr"] = lr_b if i == 2 else lr_o
+            grp["momentum"] = mom
+        for k in tp:
+            tp[k].grad = torch.tensor(grads[k])
+        topt.step()
+        upd, buf = opt.update(layout.flat(grads), buf, layout.flat(jp), lr_bias=lr_b, lr_other=lr_o,
+                              momentum=jnp.float32(mom), weight_decay=jnp.float32(5e-3))
+        jp = layout.unflat(layout.flat(jp) + upd)
+        for k in tp:
+            np.testing.assert_allclose(np.asarray(jp[k]), tp[k].detach().numpy(), rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{k} after step {it}")
+
+
+def test_ema_decay_formula():
+    for u in (1, 10, 2000, 100000):
+        assert abs(float(T.ema_decay(jnp.float32(u))) - 0.9999 * (1 - math.exp(-u / 2000))) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def single():
+    """The tiny case's step for one member, compiled once for this module."""
+    det, cfg = case.setup()
+    return det, jax.jit(T.make_train_step(det, cfg))
+
+
+def test_accumulation_and_ema_follow_the_step_counter(single):
+    det, step = single
+    hyp = H.as_arrays(case.hyps()[0])  # warm-up 0 epochs -> the 1-iteration floor; nominal batch = 2 x batch
+    st = T.init_state(det)
+    layout = T.param_layout(det)
+    did = []
+    for i in range(5):
+        before, ema_before = st.params, np.asarray(st.ema_params)
+        st, m = step(st, case.batch(0), hyp, jax.random.key(i))
+        did.append(bool(m["optimizer_step"]))
+        changed = not np.array_equal(layout.flat(before), layout.flat(st.params))
+        assert changed == did[-1]
+        if did[-1]:  # ema <- d ema + (1 - d) weights, d = 0.9999 (1 - exp(-updates / 2000))
+            d = 0.9999 * (1 - math.exp(-int(st.ema_updates) / 2000))
+            want = d * ema_before + (1 - d) * np.asarray(layout.flat(st.params))
+            np.testing.assert_allclose(np.asarray(st.ema_params), want, rtol=1e-5, atol=1e-7)
+        else:
+            np.testing.assert_array_equal(np.asarray(st.ema_params), ema_before)
+    # accumulate = round(1 + frac) is 1 at ni=0 and 2 from ni=1 (end of warm-up) on; a step happens
+    # when ni - last_opt_step >= accumulate
+    assert did == [True, False, True, False, True]
+    assert int(st.ema_updates) == 3
+
+
+def test_population_vmap_equals_separate_runs(single):
+    det, step = single
+    hyps = case.hyps()
+    separate = []
+    for m, hp in enumerate(hyps):
+        st = T.init_state(det)
+        for s in range(case.STEPS):
+            st, _ = step(st, case.batch(s), H.as_arrays(hp), jax.random.split(jax.random.key(s), 2)[m])
+        separate.append(st)
+    params, _ = case.run_mesh(1, 1)
+    init = _flat(T.init_state(det).params)
+    for m in range(2):
+        assert_same_training(_flat(params, m), _flat(separate[m].params), init)
+    # the members really differ
+    moved = np.linalg.norm(_flat(params, 1) - init)
+    assert np.linalg.norm(_flat(params, 0) - _flat(params, 1)) > 0.1 * moved
+
+
+def _flat(tree, member=None):
+    return np.concatenate([np.ravel(x if member is None else x[member]) for x in jax.tree.leaves(tree)])
+
+
+def assert_same_training(a, b, init):
+    """Two runs of the same training agree when their difference is tiny against how far training
+    moved the weights: float sums over a batch are reordered by vmap and by sharding (relative
+    gradient differences ~1e-5), and three SGD steps carry those on."""
+    moved = np.linalg.norm(b - init)
+    assert moved > 0
+    assert np.linalg.norm(a - b) < 1e-3 * moved, (np.linalg.norm(a - b), moved)
+
+
+def test_eight_fake_devices_equal_one(tmp_path):
+    """pop=2 × data=4 on 8 host devices against pop=1 × data=1 here: the same numbers."""
+    out = tmp_path / "eight.npz"
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import runpy; "
+            f"sys.argv = ['x', {str(out)!r}, '2', '4']; runpy.run_module('helpers.train_case', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    eight = np.load(out)
+    params, loss = case.run_mesh(1, 1)
+    np.testing.assert_allclose(eight["loss"], loss, rtol=1e-4)
+    leaves = jax.tree.leaves(params)
+    init = _flat(T.init_state(case.setup()[0]).params)
+    for m in range(2):
+        got = np.concatenate([np.ravel(eight[f"p{i}"][m]) for i in range(len(leaves))])
+        assert_same_training(got, _flat(params, m), init)
+
+
+def test_nonfinite_loss_skips_and_counts(single):
+    det, step = single
+    hyp = H.as_arrays(case.hyps()[0])
+    st0 = T.init_state(det)
+    st, m = step(st0, case.batch(0), {**hyp, "box": jnp.float32(np.nan)}, jax.random.key(0))
+    assert not bool(m["finite"]) and not bool(m["optimizer_step"])
+    assert int(st.nonfinite_run) == 1 and int(st.nonfinite_total) == 1 and int(st.step) == 1
+    for a, b in zip(jax.tree.leaves((st.params, st.stats, st.grads, st.momentum)),
+                    jax.tree.leaves((st0.params, st0.stats, st0.grads, st0.momentum))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    st, m = step(st, case.batch(0), hyp, jax.random.key(1))
+    assert bool(m["finite"]) and int(st.nonfinite_run) == 0 and int(st.nonfinite_total) == 1
+
+
+def test_pad_population_repeats_last_member():
+    tree = {"a": jnp.arange(3.0)}
+    padded, n = T.pad_population(tree, 4)
+    assert n == 3 and padded["a"].tolist() == [0.0, 1.0, 2.0, 2.0]
+    assert T.pad_population(tree, 3)[0]["a"].shape == (3,)
