@@ -30,9 +30,10 @@ class Detector:
     `model` is the Flax NNX module; `spec` the resolved table; `options` how it was built.
     """
 
-    def __init__(self, model: YOLO, table: dict):
+    def __init__(self, model: YOLO, table: dict, names: tuple[str, ...] | None = None):
         self.model = model
         self.table = table  # the raw table, kept so save/load rebuild the same network
+        self.names = tuple(names) if names is not None else tuple(str(i) for i in range(model.spec.nc))
 
     # -- description -------------------------------------------------------------------------
     @property
@@ -129,7 +130,7 @@ class Detector:
         the head convs and, if `bn`, BatchNorms folded into the convs. Outputs are unchanged."""
         if kst_index is not None:
             self._check_kst_index(kst_index)
-        return Detector(fold_model(self.model, kst_index=kst_index, bn=bn), self.table)
+        return Detector(fold_model(self.model, kst_index=kst_index, bn=bn), self.table, self.names)
 
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":
         """The reference PyTorch state_dict (numpy arrays keyed by PyTorch names, in order).
@@ -153,7 +154,7 @@ class Detector:
         path = Path(path).absolute()
         meta = {"format": CHECKPOINT_FORMAT, "name": self.spec.name, "table": self.table,
                 "nc": self.spec.nc, "anchors": [[v for wh in lvl for v in wh] for lvl in self.spec.anchors],
-                "options": dataclasses.asdict(self.options)}
+                "options": dataclasses.asdict(self.options), "names": list(self.names)}
         state = nnx.to_pure_dict(nnx.state(self.model))
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
             ckptr.save(path, ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -234,6 +235,9 @@ def load(path: str | Path) -> Detector:
     graphdef, st = nnx.split(det.model)
     nnx.replace_by_pure_dict(st, state)
     det.model = nnx.merge(graphdef, st)
+    names = meta.get("names")
+    if isinstance(names, list) and len(names) == det.num_classes:
+        det.names = tuple(str(n) for n in names)
     return det
 
 

@@ -297,7 +297,8 @@ def make_train_step(detector, config: TrainConfig, *, augment_fn: Callable | Non
         bsz = images.shape[0]
         metrics = {"loss": total / bsz, "local": terms["local"], "global": terms["global"],
                    "lr": lr_other, "lr_bias": lr_bias, "momentum": momentum, "finite": finite,
-                   "optimizer_step": do_opt, "targets": jnp.sum(mask)}
+                   "optimizer_step": do_opt, "targets": jnp.sum(mask),
+                   "nonfinite_run": new.nonfinite_run}
         return new, metrics
 
     return train_step
@@ -357,7 +358,7 @@ def ema_detector(detector, state: TrainState, *, ema: bool = True):
     else:
         params = jax.tree.map(jnp.asarray, state.params)
         stats = jax.tree.map(jnp.asarray, state.stats)
-    return Detector(nnx.merge(graphdef, params, stats), detector.table)
+    return Detector(nnx.merge(graphdef, params, stats), detector.table, detector.names)
 
 
 def _split(model):

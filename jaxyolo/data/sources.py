@@ -10,7 +10,10 @@ Accepted forms:
                                   (<x> from the file name, else `split`)
   synthetic                       the generated shapes dataset (jaxyolo.data.synthetic), cached;
   synthetic:key=val,...           options of generate_dataset, e.g. synthetic:num_train=64,img_size=96-160
-  tfds:NAME                       not implemented yet
+  tfds:NAME[:VERSION][:SPLIT]     a prepared TFDS dataset of the coco/2017 layout, read from array_record
+                                  without TensorFlow (jaxyolo.data.tfds; pip install 'jaxyolo[tfds]'), e.g.
+                                  tfds:coco/2017 (split val -> validation); from `data_dir=`, else
+                                  $TFDS_DATA_DIR, else ~/tensorflow_datasets
 """
 
 from __future__ import annotations
@@ -26,22 +29,23 @@ from jaxyolo.errors import ConfigError
 
 FORMS = ("a data YAML (*.yaml, *.yml)", "a COCO json (*.json, with images= or the <root>/annotations layout)",
          "a folder holding data.yaml or annotations/instances_<split>.json", "synthetic[:key=val,...]",
-         "tfds:NAME (not implemented yet)")
+         "tfds:NAME[:VERSION][:SPLIT]")
 
 
 def open_dataset(spec: str, split: str = "train", **kw) -> DetectionDataset:
     """The dataset `spec` names (see the module docstring), split `split`. Keywords: `images=` (image
-    folder of a COCO json), `root=` (cache folder of a synthetic dataset)."""
+    folder of a COCO json), `root=` (cache folder of a synthetic dataset), `data_dir=` (TFDS data dir)."""
     spec = str(spec)
-    unknown = set(kw) - {"images", "root"}
+    unknown = set(kw) - {"images", "root", "data_dir"}
     if unknown:
-        raise ConfigError(f"open_dataset: unknown option(s) {sorted(unknown)}; accepted: images, root")
+        raise ConfigError(f"open_dataset: unknown option(s) {sorted(unknown)}; accepted: images, root, data_dir")
     if spec == "synthetic" or spec.startswith("synthetic:"):
         root = synthetic_dataset(kw.get("root"), **parse_options(spec.partition(":")[2]))
         return _coco_split(root, split, spec)
     if spec.startswith("tfds:"):
-        raise ConfigError(f"dataset {spec!r}: TFDS datasets are not implemented yet; use a COCO json or a "
-                          f"data YAML")
+        from jaxyolo.data.tfds import open_tfds  # TFDS is optional: imported only for tfds: specs
+
+        return open_tfds(spec, split, data_dir=kw.get("data_dir"))
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
     if suffix in (".yaml", ".yml"):

@@ -1,0 +1,451 @@
+"""The training run: data, the population step, evaluation, checkpoints, results.
+
+`fit(TrainOptions(...))` trains one detector, or a population of P hyper-parameter sets together
+(`hyps=[...]`), on one dataset:
+
+* the host pipeline (`jaxyolo.data.pipeline`) builds mosaic and single versions of each sample;
+  every member augments them on device with its own hyper-parameters;
+* one jitted, vmapped `train_step` per iteration over the ('pop', 'data') mesh;
+* per epoch: validation of every member's EMA model, one row per member appended to
+  `results.csv` (rewritten atomically), TensorBoard scalars, the EMA detector saved as
+  `weights/last` and, when fitness improves, `weights/best` (loadable by `jaxyolo.load`);
+* the full training state (Orbax) in `state/` every `save_every` iterations and at each epoch end,
+  so `resume=True` continues exactly: batches, augmentation and KST draws are functions of
+  (seed, epoch, iteration), never of how often the run was interrupted.
+
+The library does not print: progress goes to the `progress` callback and `logging`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxyolo import hyp as H
+from jaxyolo import train as T
+from jaxyolo.data.pipeline import train_batches
+from jaxyolo.data.sources import open_dataset
+from jaxyolo.errors import ConfigError, JaxyoloError
+from jaxyolo.validate import DEFAULT_IOU_TRAIN, validate_population
+
+log = logging.getLogger("jaxyolo.train")
+STATE_FORMAT = "jaxyolo-train-state/1"
+
+
+class TrainingError(JaxyoloError):
+    """A run that cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    model: str = "yolov4s"
+    data: str = "synthetic"  # see jaxyolo.data.sources.open_dataset
+    hyp: Any = "scratch-s"  # bundled name, path or mapping (reference key names)
+    img_size: int = 640
+    batch_size: int = 64  # images per iteration over all devices
+    epochs: int = 300
+    out: str = "runs/train/exp"
+    weights: str | None = None  # start from a jaxyolo checkpoint, a .pt or a .npz
+    seed: int = 0
+    head: str = "implicit"
+    kst: int = 3
+    kst_draw: str = "step"
+    act: str = "silu"
+    dtype: str | None = None  # "bfloat16": bf16 compute, float32 master weights
+    max_boxes: int = 100
+    workers: int = 0
+    nominal_batch: int = 64
+    min_warmup_iters: int = 1000
+    schedule: str = "cosine"
+    eval_every: int = 1  # epochs; the last epoch is always evaluated
+    eval_batch_size: int = 16
+    conf_thres: float = 0.001
+    iou_thres: float = DEFAULT_IOU_TRAIN
+    save_every: int = 0  # iterations between training-state checkpoints (0: epoch ends only)
+    max_nonfinite: int = 10  # non-finite iterations in a row before the run stops
+    train_split: str = "train"
+    val_split: str = "val"
+    mesh_pop: int | None = None  # devices along 'pop' (default: as many as divide P)
+    subset: int | None = None  # train on the first N images only (quick runs, multi-fidelity search)
+
+    def check(self):
+        for name in ("img_size", "batch_size", "epochs", "max_boxes", "eval_every", "eval_batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name}: expected a positive integer, got {v!r}")
+        if self.img_size % 32:
+            raise ConfigError(f"img_size: must be a multiple of 32 (the largest stride), got {self.img_size}")
+
+
+@dataclasses.dataclass
+class RunResult:
+    out: Path
+    history: list[dict]  # one row per (epoch, member) as written to results.csv
+    best_fitness: list[float]
+    detectors: list  # EMA detector per member at the end
+
+
+def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume: bool = False,
+        progress: Callable[[dict], None] | None = None) -> RunResult:
+    """Train (see the module docstring). `hyps`: a population of P hyp sets (default: one, from
+    `options.hyp`). `progress` receives dicts with an "event" key: "start", "step", "epoch", "end"."""
+    options.check()
+    out = Path(options.out)
+    emit = progress or (lambda info: None)
+    train_ds = open_dataset(options.data, options.train_split)
+    val_ds = open_dataset(options.data, options.val_split)
+    if options.subset:
+        from jaxyolo.data.dataset import Subset
+
+        train_ds = Subset(train_ds, range(min(options.subset, len(train_ds))))
+    if train_ds.num_classes != val_ds.num_classes:
+        raise ConfigError(f"data {options.data}: train has {train_ds.num_classes} classes, val {val_ds.num_classes}")
+    det = _initial_detector(options, train_ds.num_classes)
+    det.names = tuple(train_ds.names)
+    nl = len(det.spec.strides)
+    hyp_list = [H.load_hyp(h, num_levels=nl) for h in (hyps or [options.hyp])]
+    pop = len(hyp_list)
+    nb = len(train_ds) // options.batch_size
+    if nb < 1:
+        raise ConfigError(f"data {options.data}: {len(train_ds)} training images is fewer than one batch "
+                          f"of {options.batch_size}")
+    cfg = T.TrainConfig(epochs=options.epochs, batches_per_epoch=nb, batch_size=options.batch_size,
+                        img_size=options.img_size, nominal_batch=options.nominal_batch,
+                        min_warmup_iters=options.min_warmup_iters, schedule=options.schedule, augment=True)
+    mesh = _mesh(pop, options)
+    pop_sharding = NamedSharding(mesh, P("pop"))
+    data_sharding = NamedSharding(mesh, P("data"))
+    step_fn = T.population_step(T.make_train_step(det, cfg, augment_fn=_augment), mesh)
+    use_mosaic = any(h["mosaic"] > 0 for h in hyp_list)
+    hyp_arr = jax.device_put(H.stack(hyp_list), pop_sharding)
+    graphdef = nnx.split(det.model, nnx.Param, nnx.BatchStat)[0]
+    layout, stats_layout = T.param_layout(det), T.FlatLayout(nnx.split(det.model, nnx.Param, nnx.BatchStat)[2])
+
+    store = _StateStore(out / "state")
+    meta = {"format": STATE_FORMAT, "options": _jsonable(dataclasses.asdict(options)), "hyps": hyp_list,
+            "batches_per_epoch": nb, "population": pop}
+    state = T.replicate(T.init_state(det), pop)
+    history: list[dict] = []
+    best = [-1.0] * pop
+    if resume and store.exists():
+        state, saved = store.restore(state)
+        _check_resumable(saved, meta)
+        # rows written after the saved state (a kill between the two writes) are redone
+        history = [r for r in _read_history(out / "results.csv") if r["iterations"] <= int(saved["step"])]
+        best = saved["best_fitness"]
+        log.info("resumed %s at iteration %d", out, int(saved["step"]))
+    elif out.exists() and any(out.iterdir()) and not resume:
+        raise ConfigError(f"out {out}: exists and is not empty (use --resume to continue, or another --out)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "hyp.yaml").write_text(H.to_yaml(hyp_list[0]))
+    (out / "options.json").write_text(json.dumps(meta["options"], indent=1))
+    state = jax.device_put(state, pop_sharding)
+    tb = _tensorboard(out)
+
+    step = int(np.asarray(state.step)[0])
+    emit({"event": "start", "iterations": cfg.total_iters, "step": step, "population": pop,
+          "train_images": len(train_ds), "val_images": len(val_ds), "batches_per_epoch": nb})
+    base_key = jax.random.key(options.seed)
+    t_start = time.time()
+    while step < cfg.total_iters:
+        epoch, start_batch = divmod(step, nb)
+        batches = train_batches(train_ds, img_size=options.img_size, batch_size=options.batch_size,
+                                max_boxes=options.max_boxes, seed=options.seed, epoch=epoch, mosaic=use_mosaic,
+                                start_batch=start_batch, num_workers=options.workers)
+        sums, count, pending = None, 0, None
+        for batch in batches:
+            batch = {k: v for k, v in batch.items() if k not in ("index", "overflow", "mosaic_overflow")}
+            keys = jax.random.split(jax.random.fold_in(base_key, step), pop)
+            state, metrics = step_fn(state, jax.device_put(batch, data_sharding), hyp_arr, keys)
+            if pending is not None:  # read the previous step's metrics while this one runs
+                sums, count = _accumulate(sums, count, pending, options, step - 1, emit)
+            pending = metrics
+            step += 1
+            if options.save_every and step % options.save_every == 0 and step % nb:
+                store.save(state, {**meta, "step": step, "best_fitness": best})
+        sums, count = _accumulate(sums, count, pending, options, step - 1, emit)
+        last_epoch = step >= cfg.total_iters
+        if (epoch + 1) % options.eval_every == 0 or last_epoch:
+            results = _evaluate(graphdef, det, state, layout, stats_layout, hyp_arr, val_ds, options)
+        else:
+            results = [None] * pop
+        rows = []
+        for m in range(pop):
+            row = _row(epoch, step, time.time() - t_start, sums, count, m, results[m], pop,
+                       float(np.asarray(pending["lr"])[m]))
+            rows.append(row)
+            if results[m] is not None:
+                member_det = T.ema_detector(det, T.member(jax.device_get(state), m))
+                folder = out / "weights" / (f"member{m}" if pop > 1 else "")
+                _save_detector(member_det, folder / "last")
+                if row["fitness"] > best[m]:
+                    best[m] = row["fitness"]
+                    _save_detector(member_det, folder / "best")
+        history.extend(rows)
+        _write_csv(out / "results.csv", history)
+        for row in rows:
+            tb.scalars({k: v for k, v in row.items() if isinstance(v, float) and np.isfinite(v)},
+                       step=epoch, prefix=f"member{row['member']}/" if pop > 1 else "")
+        store.save(state, {**meta, "step": step, "best_fitness": best})
+        emit({"event": "epoch", "epoch": epoch, "epochs": options.epochs, "rows": rows})
+    store.wait()
+    tb.close()
+    final = jax.device_get(state)
+    dets = []
+    for m in range(pop):
+        dets.append(T.ema_detector(det, T.member(final, m)))
+    _plots(out)
+    emit({"event": "end", "out": str(out), "best_fitness": best})
+    return RunResult(out=out, history=history, best_fitness=best, detectors=dets)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _augment(key, hyp, batch, out_size):
+    from jaxyolo.augment import augment_batch
+
+    return augment_batch(key, hyp, batch.get("mosaic"), batch.get("mosaic_boxes"), batch.get("mosaic_classes"),
+                         batch.get("mosaic_mask"), batch["image"], batch["boxes"], batch["classes"], batch["mask"],
+                         out_size=out_size)
+
+
+def _initial_detector(options: TrainOptions, nc: int):
+    import jaxyolo
+
+    if options.weights:
+        w = Path(options.weights)
+        det = jaxyolo.load_torch(options.model, w, num_classes=nc) if w.suffix in (".pt", ".pth", ".npz") \
+            else jaxyolo.load(w)
+        if det.num_classes != nc:
+            raise ConfigError(f"weights {w}: {det.num_classes} classes, the data has {nc}")
+        return det
+    return jaxyolo.create_model(options.model, num_classes=nc, kst=options.kst, head=options.head, act=options.act,
+                                kst_draw=options.kst_draw, dtype=options.dtype, seed=options.seed)
+
+
+def _mesh(pop: int, options: TrainOptions):
+    n = jax.device_count()
+    if options.mesh_pop is not None:
+        mp = options.mesh_pop
+    else:  # as many devices on 'pop' as divide both P and the device count; the rest on 'data'
+        mp = max(d for d in range(1, n + 1) if n % d == 0 and pop % d == 0)
+    data = n // mp
+    while data > 1 and options.batch_size % data:
+        data -= 1
+    return T.make_mesh(mp, data)
+
+
+def _accumulate(sums, count, metrics, options, step, emit):
+    m = jax.device_get(metrics)
+    if not bool(np.all(m["finite"])):
+        bad = np.flatnonzero(~np.asarray(m["finite"])).tolist()
+        log.warning("iteration %d: non-finite loss for member(s) %s; update skipped", step, bad)
+    run = np.asarray(m.get("nonfinite_run", 0))
+    vals = {"loss": np.asarray(m["loss"]), "local": np.asarray(m["local"]), "global": np.asarray(m["global"])}
+    finite = np.asarray(m["finite"])
+    if sums is None:
+        sums = {k: np.zeros_like(v) for k, v in vals.items()}
+        count = np.zeros_like(finite, np.int64)
+    for k, v in vals.items():
+        w = finite.reshape(finite.shape + (1,) * (v.ndim - 1))
+        sums[k] = sums[k] + np.where(w, v, 0)
+    count = count + finite
+    emit({"event": "step", "step": step, "loss": vals["loss"], "lr": np.asarray(m["lr"]), "finite": finite})
+    if np.any(run >= options.max_nonfinite):
+        raise TrainingError(f"iteration {step}: {options.max_nonfinite} non-finite losses in a row; stopped. "
+                            f"The last checkpoint in {options.out} is intact (lower lr0, check the data).")
+    return sums, count
+
+
+def _evaluate(graphdef, det, state, layout, stats_layout, hyp_arr, val_ds, options):
+    params = jax.vmap(layout.unflat)(state.ema_params)
+    stats = jax.vmap(stats_layout.unflat)(state.ema_stats)
+    return validate_population(graphdef, det.spec, params, stats, hyp_arr, val_ds, img_size=options.img_size,
+                               batch_size=options.eval_batch_size, conf_thres=options.conf_thres,
+                               iou_thres=options.iou_thres, max_boxes=options.max_boxes)
+
+
+LEVEL_NAMES = ("P3", "P4", "P5", "P6")
+TERMS = ("box", "obj", "cls")
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def _row(epoch, step, elapsed, sums, count, m, res, pop, lr) -> dict:
+    n = max(int(count[m]), 1)
+    row: dict = {}
+    if pop > 1:
+        row["member"] = m
+    row.update({"epoch": epoch, "iterations": step, "time_s": round(elapsed, 2), "lr": lr,
+                "train/loss": float(sums["loss"][m] / n)})
+    glob, local = sums["global"][m] / n, sums["local"][m] / n
+    row.update({f"train/{t}": float(glob[i]) for i, t in enumerate(TERMS)})
+    for lvl in range(local.shape[0]):
+        row.update({f"train/{LEVEL_NAMES[lvl]}/{t}": float(local[lvl, i]) for i, t in enumerate(TERMS)})
+    nan = float("nan")
+    vl = res["loss"]["local"] if res else np.full_like(local, nan)
+    row["val/loss"] = float(np.sum(vl))
+    row.update({f"val/{t}": float(np.sum(vl[:, i])) for i, t in enumerate(TERMS)})
+    for lvl in range(vl.shape[0]):
+        row.update({f"val/{LEVEL_NAMES[lvl]}/{t}": float(vl[lvl, i]) for i, t in enumerate(TERMS)})
+    coco = res["coco"] if res else {}
+    row.update({f"metrics/{k}": float(coco.get(k, nan)) for k in METRICS})
+    voc = res["voc"] if res else {}
+    row["metrics/VOC_AP50_all"] = float(voc.get("mAP50", nan)) if voc else nan
+    row["metrics/VOC_AP50_11"] = float(voc.get("mAP50_11pt", nan)) if voc else nan
+    row["fitness"] = float(res["fitness"]) if res else nan
+    return row
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """Rewrite the whole file through a temporary one: a kill never leaves half a row."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
+    w.writeheader()
+    w.writerows(rows)
+    tmp = path.with_suffix(".csv.tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for r in rows:
+        out.append({k: (int(v) if k in ("epoch", "iterations", "member") else float(v)) for k, v in r.items()})
+    return out
+
+
+def _save_detector(det, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    det.save(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def _check_resumable(saved: dict, meta: dict) -> None:
+    if saved.get("format") != STATE_FORMAT:
+        raise ConfigError(f"resume: unknown training-state format {saved.get('format')!r}")
+    for key in ("batches_per_epoch", "population"):
+        if saved.get(key) != meta[key]:
+            raise ConfigError(f"resume: the saved run has {key}={saved.get(key)}, this one {meta[key]} "
+                              "(same data, batch size and population needed)")
+    a, b = saved["options"], meta["options"]
+    diff = [k for k in b if k not in ("out", "workers", "eval_every", "eval_batch_size") and a.get(k) != b.get(k)]
+    if diff:
+        raise ConfigError(f"resume: options differ from the saved run: {', '.join(diff)}")
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))
+
+
+class _StateStore:
+    """The training state as an Orbax checkpoint (latest only), with its JSON description."""
+
+    def __init__(self, path: Path):
+        import orbax.checkpoint as ocp
+
+        self.path = path.absolute()
+        self._ocp = ocp
+        self._mgr = None
+
+    def _manager(self):
+        if self._mgr is None:
+            ocp = self._ocp
+            self._mgr = ocp.CheckpointManager(self.path, options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, enable_async_checkpointing=False), item_names=("state", "meta"))
+        return self._mgr
+
+    def exists(self) -> bool:
+        return self.path.exists() and self._manager().latest_step() is not None
+
+    def save(self, state, meta: dict) -> None:
+        ocp = self._ocp
+        self._manager().save(int(meta["step"]), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_to_pure(state)), meta=ocp.args.JsonSave(_jsonable(meta))), force=True)
+
+    def restore(self, template):
+        ocp = self._ocp
+        mgr = self._manager()
+        step = mgr.latest_step()
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_pure(template))
+        got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                         meta=ocp.args.JsonRestore()))
+        return _from_pure(got["state"], template), got["meta"]
+
+    def wait(self):
+        if self._mgr is not None:
+            self._mgr.wait_until_finished()
+
+
+def _to_pure(state: T.TrainState) -> dict:
+    d = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    d["params"], d["stats"] = nnx.to_pure_dict(d["params"]), nnx.to_pure_dict(d["stats"])
+    return d
+
+
+def _from_pure(d: dict, template: T.TrainState) -> T.TrainState:
+    params, stats = template.params, template.stats
+    params = jax.tree.map(lambda x: x, params)
+    stats = jax.tree.map(lambda x: x, stats)
+    nnx.replace_by_pure_dict(params, d["params"])
+    nnx.replace_by_pure_dict(stats, d["stats"])
+    return template.replace(**{**{k: jnp.asarray(v) for k, v in d.items() if k not in ("params", "stats")},
+                               "params": params, "stats": stats})
+
+
+class _NullWriter:
+    def scalars(self, values, step, prefix=""):
+        pass
+
+    def close(self):
+        pass
+
+
+def _tensorboard(out: Path):
+    try:
+        from jaxyolo.tboard import SummaryWriter
+    except ImportError:
+        return _NullWriter()
+
+    writer = SummaryWriter(out / "tensorboard")
+
+    class _Prefixed:
+        def scalars(self, values, step, prefix=""):
+            writer.scalars({prefix + k: v for k, v in values.items()}, step)
+
+        def close(self):
+            writer.close()
+
+    return _Prefixed()
+
+
+def _plots(out: Path) -> None:
+    try:
+        from jaxyolo.plots import plot_results
+    except ImportError:
+        return
+    try:
+        plot_results(out / "results.csv")
+    except Exception as e:  # a plot must never lose a finished run
+        log.warning("could not plot %s: %s", out / "results.csv", e)

@@ -1,0 +1,121 @@
+"""Validation of one detector or of a whole population in one pass over the data.
+
+Each batch runs every member's inference model (KST mean, BN running statistics) in one vmapped
+program that also returns the member's loss terms on that batch (local and global, the search
+reads both), decodes and applies NMS on device; the host maps boxes back to the original images
+and pycocotools scores them (`jaxyolo.evaluate`).
+
+The in-training evaluation of the reference uses NMS IoU 0.6 (spec §11); the standalone test uses
+0.65. Both are arguments here; `DEFAULT_IOU_TRAIN` / `DEFAULT_IOU_TEST` name them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxyolo.data.dataset import DetectionDataset
+from jaxyolo.data.pipeline import eval_batches, pad_boxes, unletterbox_boxes
+from jaxyolo.evaluate import evaluate_predictions, nms, split_detections
+from jaxyolo.loss import yolo_loss
+from jaxyolo.models.heads import decode
+
+DEFAULT_CONF = 0.001
+DEFAULT_IOU_TRAIN = 0.6
+DEFAULT_IOU_TEST = 0.65
+DEFAULT_MAX_DET = 300
+
+
+def fitness(ap50: float, ap: float) -> float:
+    """The reference's fitness: 0.1·mAP@0.5 + 0.9·mAP@0.5:0.95."""
+    return 0.1 * ap50 + 0.9 * ap
+
+
+def letterboxed_targets(dataset: DetectionDataset, batch: dict, max_boxes: int):
+    """Ground truth of an eval batch in the letterboxed frame: (boxes, classes, mask) padded."""
+    n = len(batch["index"])
+    boxes = np.zeros((n, max_boxes, 4), np.float32)
+    classes = np.zeros((n, max_boxes), np.int32)
+    mask = np.zeros((n, max_boxes), bool)
+    for j, idx in enumerate(batch["index"].tolist()):
+        if idx < 0:
+            continue
+        b, c = dataset.labels(idx)
+        gx, gy, px, py = batch["ratio_pad"][j]
+        b = np.asarray(b, np.float32) * np.asarray([gx, gy, gx, gy], np.float32) + np.asarray([px, py, px, py],
+                                                                                             np.float32)
+        boxes[j], classes[j], mask[j], _ = pad_boxes(b, np.asarray(c), max_boxes)
+    return boxes, classes, mask
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _population_eval(graphdef, anchors, strides, nc, max_det, params, stats, images, boxes, classes, mask, hyp,
+                     conf, iou):
+    def one(p, s, h):
+        model = nnx.merge(graphdef, p, s, copy=True)
+        raw = model(images, train=False)
+        loss_hyp = {**h, "cls": h["cls"] * (nc / 80.0)}
+        _, terms = yolo_loss(raw, boxes, classes, mask, anchors=anchors, strides=strides, hyp=loss_hyp)
+        dets = nms(decode(raw, anchors, strides), conf_thres=conf, iou_thres=iou, max_det=max_det)
+        return terms, dets
+
+    return jax.vmap(one)(params, stats, hyp)
+
+
+def validate_population(graphdef, spec, params, stats, hyp, dataset: DetectionDataset, *, img_size: int,
+                        batch_size: int = 16, conf_thres: float = DEFAULT_CONF, iou_thres: float = DEFAULT_IOU_TRAIN,
+                        max_det: int = DEFAULT_MAX_DET, max_boxes: int = 100, workers: int = 0,
+                        progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Metrics of every member: params/stats/hyp carry a leading population axis P.
+
+    Returns per member {"loss": {"local": (L, 3), "global": (3,)} averaged over batches,
+    "coco": ..., "voc": ..., "per_class": [...], "fitness": float}.
+    """
+    pop = jax.tree.leaves(params)[0].shape[0]
+    preds = [[None] * len(dataset) for _ in range(pop)]
+    local_sum, n_batches = 0.0, 0
+    batches = eval_batches(dataset, img_size=img_size, batch_size=batch_size, num_workers=workers)
+    for b, batch in enumerate(batches):
+        boxes, classes, mask = letterboxed_targets(dataset, batch, max_boxes)
+        images = jnp.asarray(batch["image"], jnp.float32) / 255.0
+        terms, dets = _population_eval(graphdef, spec.anchors, spec.strides, spec.nc, max_det, params, stats, images,
+                                       boxes, classes, mask, hyp, jnp.float32(conf_thres), jnp.float32(iou_thres))
+        local_sum = local_sum + np.asarray(terms["local"])
+        n_batches += 1
+        for m in range(pop):
+            per_image = split_detections(jax.tree.map(lambda x, m=m: x[m], dets))
+            for j, idx in enumerate(batch["index"].tolist()):
+                if idx < 0:
+                    continue
+                bx, sc, cl = per_image[j]
+                bx = unletterbox_boxes(bx, batch["ratio_pad"][j], batch["orig_shape"][j])
+                preds[m][idx] = (bx, sc, cl)
+        if progress is not None:
+            progress(b + 1, len(batches))
+    out = []
+    for m in range(pop):
+        local = local_sum[m] / max(n_batches, 1)
+        res = evaluate_predictions(preds[m], dataset)
+        res["loss"] = {"local": local, "global": local.sum(0)}
+        res["fitness"] = fitness(res["coco"]["AP50"], res["coco"]["AP"])
+        out.append(res)
+    return out
+
+
+def validate(detector, dataset: DetectionDataset, *, img_size: int = 640, batch_size: int = 16,
+             conf_thres: float = DEFAULT_CONF, iou_thres: float = DEFAULT_IOU_TEST, hyp=None, **kw) -> dict:
+    """Metrics of one detector on a dataset (the standalone test: NMS IoU 0.65 by default)."""
+    from jaxyolo import hyp as H
+
+    detector._require_values("validate")
+    graphdef, params, stats = nnx.split(detector.model, nnx.Param, nnx.BatchStat)
+    add = lambda t: jax.tree.map(lambda x: x[None], t)  # noqa: E731
+    hp = H.as_arrays(H.load_hyp(hyp, num_levels=len(detector.spec.strides)))
+    return validate_population(graphdef, detector.spec, add(params), add(stats), add(hp), dataset,
+                               img_size=img_size, batch_size=batch_size, conf_thres=conf_thres,
+                               iou_thres=iou_thres, **kw)[0]
