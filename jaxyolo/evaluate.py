@@ -454,6 +454,9 @@ def coco_evaluate(gt, dets, *, iou_type: str = "bbox", image_ids=None) -> dict:
     result = {name: float(v) for name, v in zip(STAT_NAMES, cocoeval.stats)}
     result["per_class"] = _per_class(cocoeval, gt, image_ids)
     result["summary"] = summary.getvalue().rstrip("\n")
+    # (T IoU thresholds, R recall points, K categories in `category_ids` order, A areas, M maxDets)
+    result["precision"] = cocoeval.eval["precision"]
+    result["category_ids"] = [int(c) for c in cocoeval.params.catIds]
     return result
 
 

@@ -146,21 +146,26 @@ def _grid(objectives, levels, extras) -> tuple[int, int]:
     return max(1 + len(levels), len(extras), 1), cols
 
 
-def _plot_series(ax, x, columns, series, title):
+def _plot_series(ax, x, columns, series, title, legend_loc):
+    from matplotlib.ticker import MaxNLocator
+
     drawn = False
     for col, label in series:
         y = columns.get(col)
         if y is None or not np.isfinite(y).any():
             continue
         ok = np.isfinite(x) & np.isfinite(y)
-        # Markers so that a single epoch (or a point isolated between NaNs) still shows.
-        ax.plot(x[ok], y[ok], marker=".", markersize=4, linewidth=1.5, label=label)
+        # Markers while there are few points, so that a single epoch (or a point between NaNs) shows.
+        ax.plot(x[ok], y[ok], marker="." if ok.sum() <= 50 else None, markersize=4, linewidth=1.5, label=label)
         drawn = True
-    ax.set_title(title, fontsize=9)
+    # A plain text rather than set_title: title placement measures every tick label (slow).
+    ax.text(0.5, 1.02, title, ha="center", va="bottom", transform=ax.transAxes, fontsize=9)
     ax.tick_params(labelsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=5))  # fewer ticks: tick artists are most of the cost
     ax.grid(alpha=0.3)
     if drawn:
-        ax.legend(fontsize=6, loc="best")
+        ax.legend(fontsize=6, loc=legend_loc)
     else:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, fontsize=8, color="gray")
 
@@ -172,6 +177,7 @@ def plot_results(csv_path, out_path=None) -> Path:
     (P3, P4, P5[, P6]); the last column: total loss, COCO AP/AP50/AP75, APs/APm/APl, VOC AP50 and
     fitness, learning rate. Levels and objectives come from the header; a missing column, NaN or
     empty cell, or a single row just draws less. x is the `epoch` column (row index if absent).
+    The PNG is `results_figure_size(csv_path)` pixels: 320 x 260 per panel, no tight cropping.
     """
     csv_path = Path(csv_path)
     out_path = csv_path.with_name("results.png") if out_path is None else Path(out_path)
@@ -183,25 +189,30 @@ def plot_results(csv_path, out_path=None) -> Path:
     if x is None or not np.isfinite(x).any():
         x = np.arange(n, dtype=float)
 
-    fig = _new_figure(cols * PANEL_W_IN, rows * PANEL_H_IN, RESULTS_DPI)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    used = np.zeros((rows, cols), bool)
+    panels = []  # (row, col, series, title, legend location)
     for j, o in enumerate(objectives):
-        _plot_series(axes[0, j], x, columns, [(f"train/{o}", "train"), (f"val/{o}", "val")], f"{o} loss")
-        used[0, j] = True
+        panels.append((0, j, [(f"train/{o}", "train"), (f"val/{o}", "val")], f"{o} loss", "upper right"))
         for i, lvl in enumerate(levels, start=1):
-            _plot_series(axes[i, j], x, columns, [(f"train/{lvl}/{o}", "train"), (f"val/{lvl}/{o}", "val")],
-                         f"{lvl} {o} loss")
-            used[i, j] = True
+            panels.append((i, j, [(f"train/{lvl}/{o}", "train"), (f"val/{lvl}/{o}", "val")], f"{lvl} {o} loss",
+                           "upper right"))
     for i, (title, series) in enumerate(extras):
-        _plot_series(axes[i, cols - 1], x, columns, series, title)
-        used[i, cols - 1] = True
-    for i, j in zip(*np.nonzero(~used)):
-        axes[i, j].set_visible(False)
-    for ax in axes[-1]:
+        panels.append((i, cols - 1, series, title, "upper right" if "loss" in title or "rate" in title else "lower right"))
+
+    width, height = cols * PANEL_W_IN, rows * PANEL_H_IN
+    fig = _new_figure(width, height, RESULTS_DPI)
+    # Fixed margins in inches rather than tight_layout, which costs more than the drawing itself.
+    grid = fig.add_gridspec(rows, cols, left=0.45 / width, right=1 - 0.15 / width, bottom=0.45 / height,
+                            top=1 - 0.6 / height, wspace=0.5 * cols / width, hspace=0.55 * rows / height)
+    last_row = {}
+    for i, j, series, title, loc in panels:
+        ax = fig.add_subplot(grid[i, j])
+        _plot_series(ax, x, columns, series, title, loc)
+        if i >= last_row.get(j, (-1, None))[0]:
+            last_row[j] = (i, ax)
+    for _, ax in last_row.values():
         ax.set_xlabel("epoch", fontsize=8)
-    fig.suptitle(f"{csv_path.parent.name or csv_path.name}: {n} epoch{'s' if n != 1 else ''}", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.text(0.5, 1 - 0.08 / height, f"{csv_path.parent.name or csv_path.name}: {n} epoch{'s' if n != 1 else ''}",
+             ha="center", va="top", fontsize=10)
     return _save_figure(fig, out_path, RESULTS_DPI)
 
 
@@ -249,7 +260,7 @@ def plot_pr_curves(precision, names, out_path, iou_index: int = 0, *, area_index
                 color=tuple(v / 255 for v in class_color(c)), label=f"{_name_of(names, c)} {ap:.3f}" if legend else None)
     if defined:
         mean = p[:, defined].mean(axis=1)
-        ax.plot(recall, mean, linewidth=3, color="#1f4e9c", label=f"all classes {mean.mean():.3f} mAP")
+        ax.plot(recall, mean, linewidth=3, color="#1f4e9c", label=f"all classes {mean.mean():.3f} mAP" + (f"@{iou:.2f}" if iou is not None else ""))
     else:
         ax.text(0.5, 0.5, "no class with ground truth", ha="center", va="center", transform=ax.transAxes)
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="Recall", ylabel="Precision")
@@ -257,7 +268,7 @@ def plot_pr_curves(precision, names, out_path, iou_index: int = 0, *, area_index
     ax.grid(alpha=0.3)
     if defined:
         if legend:
-            ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         else:
             ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()

@@ -198,6 +198,8 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
                     _save_detector(member_det, folder / "best")
         history.extend(rows)
         _write_csv(out / "results.csv", history)
+        if results[0] is not None:
+            _eval_plots(out, results[0], val_ds)
         for row in rows:
             tb.scalars({k: v for k, v in row.items() if isinstance(v, float) and np.isfinite(v)},
                        step=epoch, prefix=f"member{row['member']}/" if pop > 1 else "")
@@ -438,6 +440,25 @@ def _tensorboard(out: Path):
             writer.close()
 
     return _Prefixed()
+
+
+def _eval_plots(out: Path, res: dict, val_ds, n_images: int = 8) -> None:
+    """PR curves and a few validation images with the (first) member's predictions."""
+    try:
+        from jaxyolo import plots
+
+        order = [res["coco"]["category_ids"].index(int(c)) for c in val_ds.category_ids]
+        plots.plot_pr_curves(res["coco"]["precision"][:, :, order], val_ds.names, out / "PR_curve.png")
+        drawn = []
+        for i in range(min(n_images, len(val_ds))):
+            boxes, scores, classes = res["predictions"][i]
+            keep = scores >= 0.25
+            gt_boxes, _ = val_ds.labels(i)
+            drawn.append(plots.draw_detections(val_ds[i].image, boxes[keep], classes[keep], scores[keep],
+                                               val_ds.names, gt_boxes=gt_boxes))
+        plots.save_grid(drawn, out / "val_predictions.jpg", cols=4)
+    except Exception as e:  # a plot must never lose a finished run
+        log.warning("could not draw evaluation plots in %s: %s", out, e)
 
 
 def _plots(out: Path) -> None:

@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxyolo.data.dataset import DetectionDataset
 from jaxyolo.data.pipeline import eval_batches, pad_boxes, unletterbox_boxes
-from jaxyolo.evaluate import evaluate_predictions, nms, split_detections
+from jaxyolo.evaluate import detections_to_coco, evaluate_predictions, nms, split_detections
 from jaxyolo.loss import yolo_loss
 from jaxyolo.models.heads import decode
 
@@ -70,11 +70,13 @@ def _population_eval(graphdef, anchors, strides, nc, max_det, params, stats, ima
 def validate_population(graphdef, spec, params, stats, hyp, dataset: DetectionDataset, *, img_size: int,
                         batch_size: int = 16, conf_thres: float = DEFAULT_CONF, iou_thres: float = DEFAULT_IOU_TRAIN,
                         max_det: int = DEFAULT_MAX_DET, max_boxes: int = 100, workers: int = 0,
+                        keep_detections: bool = False,
                         progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Metrics of every member: params/stats/hyp carry a leading population axis P.
 
     Returns per member {"loss": {"local": (L, 3), "global": (3,)} averaged over batches,
-    "coco": ..., "voc": ..., "per_class": [...], "fitness": float}.
+    "coco": ..., "voc": ..., "per_class": [...], "fitness": float} and, with `keep_detections`,
+    "detections": the COCO results list.
     """
     pop = jax.tree.leaves(params)[0].shape[0]
     preds = [[None] * len(dataset) for _ in range(pop)]
@@ -103,6 +105,10 @@ def validate_population(graphdef, spec, params, stats, hyp, dataset: DetectionDa
         res = evaluate_predictions(preds[m], dataset)
         res["loss"] = {"local": local, "global": local.sum(0)}
         res["fitness"] = fitness(res["coco"]["AP50"], res["coco"]["AP"])
+        res["predictions"] = preds[m]  # per image: (boxes in original pixels, scores, classes)
+        if keep_detections:
+            res["detections"] = detections_to_coco(*([p[j] for p in preds[m]] for j in range(3)),
+                                                   dataset.image_ids, dataset.category_ids)
         out.append(res)
     return out
 

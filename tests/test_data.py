@@ -372,8 +372,8 @@ def test_open_dataset_forms(syn, tmp_path):
     assert isinstance(coco, CocoDataset) and coco.image_dir == syn / "val" / "images"
     ds = open_dataset("synthetic:num_train=2,num_val=1,img_size=32-48,seed=1", "val", root=tmp_path)
     assert isinstance(ds, CocoDataset) and len(ds) == 1 and 32 <= min(ds.image_size(0))
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        open_dataset("tfds:coco/2017", "val")
+    with pytest.raises(ConfigError, match=r"not prepared|jaxyolo\[tfds\]"):
+        open_dataset("tfds:coco/2017", "val", data_dir=tmp_path)
     with pytest.raises(ConfigError, match="accepted: a data YAML"):
         open_dataset(str(tmp_path / "nothing-here"), "val")
     (tmp_path / "c").mkdir()

@@ -3,13 +3,15 @@
 `TfdsDataset(name, split, data_dir)` reads a prepared TFDS dataset through TFDS's NumPy-only data
 source (`builder.as_data_source`, the machinery behind `tfds.data_source`), so neither reading nor
 `prepare_coco_like` imports TensorFlow. Needs `pip install 'jaxyolo[tfds]'` (tensorflow-datasets and
-array_record). The dataset must have been prepared in a random-access format (array_record, or
-parquet); TFDS's default tfrecord files cannot be read without TensorFlow.
+array_record). The dataset must have been prepared as array_record (`--file_format=array_record`);
+TFDS's default tfrecord files cannot be read without TensorFlow (a ConfigError says so).
 
-Features read (those of TFDS's `coco/2017`; `voc` and other datasets with the same layout work too):
+Features read (those of TFDS's `coco/2017`; other layouts with image + objects/bbox + objects/label,
+such as `voc`, take the same path, untested):
   image                 encoded image bytes, decoded here with PIL to uint8 RGB, as stored (no EXIF
                         rotation: TFDS's boxes are normalised to the stored image)
   objects/bbox          tfds BBox, normalised (ymin, xmin, ymax, xmax) -> xyxy pixels of the image
+                        (float32 fractions: a box comes back within a float32 ulp, ~1e-5 px)
   objects/label         ClassLabel: its names are the class names, its index the class id
   objects/is_crowd      optional; crowd objects are skipped and counted ("crowd annotation")
   image/id              optional; the COCO image id, else the record index is the image id
@@ -208,8 +210,9 @@ class TfdsDataset(DetectionDataset):
             raise ConfigError(f"{self.spec}: not a detection dataset of the coco/2017 layout ({self.builder_dir}"
                               f"/features.json has {', '.join(have)}; needs {need})")
         inner = features[objects]
+        present = set(inner.keys())
         for key in ("bbox", "label"):
-            if key not in inner.keys():
+            if key not in present:
                 raise ConfigError(f"{self.spec}: feature objects/{key} missing ({self.builder_dir}/features.json; "
                                   f"needs {need})")
         if not hasattr(inner["label"], "names"):
@@ -248,7 +251,8 @@ class TfdsDataset(DetectionDataset):
                                                       decoders={"image": tfds.decode.SkipDecoding()})
             except NotImplementedError as e:
                 raise ConfigError(
-                    f"{self.spec}: prepared as {builder.info.file_format} ({self.builder_dir}); reading without "
+                    f"{self.spec}: prepared as {getattr(builder.info.file_format, 'value', builder.info.file_format)} "
+                    f"({self.builder_dir}); reading without "
                     f"TensorFlow needs a random-access format: prepare it again with --file_format=array_record"
                     f" (or convert it with `tfds convert_format --out_file_format=array_record`, which needs "
                     f"TensorFlow)") from e
@@ -273,7 +277,7 @@ class TfdsDataset(DetectionDataset):
             return self._data_source()[i]
         except ConfigError:
             raise
-        except Exception as e:  # noqa: BLE001 - array_record / proto errors: name the record
+        except Exception as e:  # array_record / proto errors: name the record
             raise ConfigError(f"{self.spec} {self.split}[{i}] ({self.builder_dir}): record unreadable: {e}") from e
 
     def _meta(self, i: int, record: dict | None = None) -> _Meta:
@@ -435,7 +439,7 @@ def _coco_examples(tfds, json_path: Path, image_dir: Path, skipped: SkipReport):
                 continue
             objects.append({
                 "id": int(a.get("id", k)),
-                "area": int(round(float(a.get("area", bw * bh)))),
+                "area": round(float(a.get("area", bw * bh))),
                 "bbox": tfds.features.BBox(ymin=y1 / h, xmin=x1 / w, ymax=y2 / h, xmax=x2 / w),
                 "label": index[a["category_id"]],
                 "is_crowd": bool(a.get("iscrowd", 0)),
@@ -489,6 +493,9 @@ def prepare_coco_like(coco_json: str | os.PathLike | Mapping[str, str | os.PathL
 
     class CocoLike(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         VERSION = tfds.core.Version(version)
+        # No code folder (checksums file): TFDS would look it up through `importlib_resources`, which
+        # tensorflow-datasets 4.9.10 uses on Python >= 3.9 without requiring it (tensorflow/datasets#11212).
+        code_path = None
 
         def _info(self):
             return tfds.core.DatasetInfo(

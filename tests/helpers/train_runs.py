@@ -1,0 +1,161 @@
+"""Tiny training runs shared by the trainer and CLI tests, built once per test session.
+
+Each new program compiles for tens of seconds on a small machine, so the runs are shared: across
+test modules and across pytest-xdist workers (the first worker that needs a run builds it under a
+file lock in the session's shared temporary folder; the others wait and reuse it). Tests must
+treat a shared run as read-only (copy it to modify it).
+
+Run as a script it is the "killable" trainer: the `jaxyolo train` arguments after the script name
+are parsed by the real CLI parser and trained with `fit`, printing `STEP n` (flushed) after each
+iteration's metrics are read; with `$JAXYOLO_TEST_PAUSE_AT=n` it sleeps after printing `STEP n`,
+so a test can SIGKILL it at a known point of the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+DATA = "synthetic:num_train=16,num_val=8,img_size=64-96"
+IMG, BATCH, EPOCHS = 64, 8, 2
+NB = 16 // BATCH  # iterations per epoch
+TRAIN_ARGS = ["train", "--model", "yolov4p", "--data", DATA, "--img", str(IMG), "--batch", str(BATCH),
+              "--nominal-batch", str(BATCH), "--min-warmup-iters", "2", "--epochs", str(EPOCHS), "--seed", "0"]
+PAUSE_ENV = "JAXYOLO_TEST_PAUSE_AT"
+
+
+def shared_root(tmp_path_factory) -> Path:
+    """A folder all xdist workers of this session share (the session's own folder without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jaxyolo-shared-runs"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextlib.contextmanager
+def data_cache(root: Path):
+    """Synthetic datasets generated under `root` (not the user's cache) while inside."""
+    old = os.environ.get("JAXYOLO_CACHE")
+    os.environ["JAXYOLO_CACHE"] = str(root / "data")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("JAXYOLO_CACHE", None)
+        else:
+            os.environ["JAXYOLO_CACHE"] = old
+
+
+def build_once(path: Path, build) -> Path:
+    """`build(path)` once per session (all workers): later callers wait for it and get `path`."""
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done, failed = path.with_name(path.name + ".done"), path.with_name(path.name + ".failed")
+        if done.exists():
+            return path
+        if failed.exists():
+            raise RuntimeError(f"building the shared run {path.name} failed earlier: {failed.read_text()}")
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            build(path)
+        except BaseException as e:
+            failed.write_text(f"{type(e).__name__}: {e}")
+            raise
+        done.touch()
+    return path
+
+
+def cli_main(argv) -> tuple[int, str, str]:
+    """`jaxyolo ARGV` in this process: (exit code, stdout, stderr)."""
+    from jaxyolo.tools import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def reference_run(root: Path) -> Path:
+    """The unbroken run: `jaxyolo train ... --save-every 1` in this process."""
+
+    def build(path):
+        with data_cache(root):
+            code, out, err = cli_main(TRAIN_ARGS + ["--save-every", "1", "--out", str(path)])
+        (path.parent / "reference.log").write_text(out + "\n---- stderr\n" + err)
+        assert code == 0, err[-3000:]
+
+    return build_once(root / "reference", build)
+
+
+def killed_and_resumed_run(root: Path) -> Path:
+    """The same run SIGKILLed in a subprocess mid-epoch 2 (after iteration NB's checkpoint), then
+    `jaxyolo train ... --resume` in this process. `killed_info/` keeps what the kill left behind."""
+
+    def build(path):
+        info = path.parent / "killed_info"
+        shutil.rmtree(info, ignore_errors=True)
+        info.mkdir()
+        argv = TRAIN_ARGS + ["--save-every", "1", "--out", str(path)]
+        env = dict(os.environ, JAXYOLO_CACHE=str(root / "data"), **{PAUSE_ENV: str(NB)})
+        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r}); import runpy; "
+                f"sys.argv = ['x'] + {argv[1:]!r}; runpy.run_module('helpers.train_runs', run_name='__main__')")
+        with open(info / "stderr.txt", "w") as err:
+            proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=err,
+                                    text=True)
+            watchdog = threading.Timer(420, proc.kill)  # a hung run ends the read loop below (EOF)
+            watchdog.start()
+            seen = []
+            try:
+                for line in proc.stdout:
+                    seen.append(line.strip())
+                    if seen[-1] == f"STEP {NB}":  # iteration NB's metrics read: state after it is saved
+                        os.kill(proc.pid, signal.SIGKILL)
+                        break
+            finally:
+                watchdog.cancel()
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait(timeout=60)
+        (info / "stdout.txt").write_text("\n".join(seen))
+        assert seen and seen[-1] == f"STEP {NB}", (seen, (info / "stderr.txt").read_text()[-3000:])
+        assert proc.returncode == -signal.SIGKILL
+        # what the kill left: the checkpoints and results present now
+        (info / "state_steps.txt").write_text(" ".join(sorted(p.name for p in (path / "state").iterdir()
+                                                             if p.name.isdigit())))
+        shutil.copy(path / "results.csv", info / "results.csv")
+        with data_cache(root):
+            code, out, err = cli_main(TRAIN_ARGS + ["--save-every", "1", "--out", str(path), "--resume"])
+        (info / "resume_stdout.txt").write_text(out)
+        assert code == 0, err[-3000:]
+
+    return build_once(root / "killed", build)
+
+
+def _drive(argv: list[str]) -> int:
+    from jaxyolo.tools import cli, train_cmd
+    from jaxyolo.trainer import fit
+
+    args = cli.build_parser().parse_args(["train"] + argv)
+    pause = int(os.environ.get(PAUSE_ENV, "-1"))
+
+    def progress(info):
+        if info["event"] == "step":
+            print(f"STEP {info['step']}", flush=True)
+            if info["step"] == pause:
+                time.sleep(3600)
+
+    fit(train_cmd.options_from_args(args), resume=args.resume, progress=progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_drive(sys.argv[1:]))
