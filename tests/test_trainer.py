@@ -82,16 +82,15 @@ def lr_at(ni: int, epoch: int) -> float:
 # ---------------------------------------------------------------------------------------- resume
 
 
-def test_resume_after_sigkill_is_exact(reference, killed):
+def test_resume_after_sigkill_is_exact(killed, reference):
     info = killed.parent / "killed_info"
     # the kill came mid-epoch 2: the last checkpoint is the one after iteration NB (step NB + 1)
     assert (info / "state_steps.txt").read_text().split()[-1] == str(R.NB + 1)
     assert [r["epoch"] for r in read_csv(info / "results.csv")] == ["0"]
     assert f"resuming at iteration {R.NB + 1}" in (info / "resume_stdout.txt").read_text()
 
-    # the EMA detectors saved at the end are identical to the unbroken run's
-    for which in ("last", "best"):
-        assert_same_weights(reference / "weights" / which, killed / "weights" / which)
+    # the EMA detector saved at the end is identical to the unbroken run's
+    assert_same_weights(reference / "weights" / "last", killed / "weights" / "last")
     # ... and so is every array of the final training state (params, BN stats, SGD buffers,
     # accumulated gradients, EMA, counters)
     assert state_steps(reference) == state_steps(killed) == [TOTAL]
@@ -155,7 +154,7 @@ def tiny_options(out: Path, **kw) -> TrainOptions:
                         min_warmup_iters=2, epochs=R.EPOCHS, seed=0, out=str(out), **kw)
 
 
-def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(reference, data_env, tmp_path, monkeypatch):
+def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(request, data_env, tmp_path, monkeypatch):
     """From iteration NB on, every member's box gain is NaN (the step's hyp input: the same compiled
     program, a real non-finite loss on device); with max_nonfinite=2 the run stops at iteration NB + 1."""
     real = T.population_step
@@ -198,6 +197,7 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(reference, data_e
     monkeypatch.setattr(T, "population_step", real)
     res = fit(tiny_options(out, max_nonfinite=2), resume=True)
     assert [r["iterations"] for r in res.history] == [R.NB, TOTAL]
+    reference = request.getfixturevalue("reference")  # only now: another worker may be building it meanwhile
     assert_same_weights(reference / "weights" / "last", out / "weights" / "last")
 
 
