@@ -87,7 +87,7 @@ def _balance(v, num_levels: int, where: str) -> list[float]:
         raise ConfigError(f"{where}: balance: expected a list of {num_levels} numbers, got {v!r}")
     v = [float(x) for x in v]
     if len(v) != num_levels:
-        if len(v) == 3 and num_levels == 4:  # the reference's P6 default
+        if v == [4.0, 1.0, 0.4] and num_levels == 4:  # the default, extended as the reference does for P6
             return [4.0, 1.0, 0.4, 0.1]
         raise ConfigError(f"{where}: balance: {len(v)} values for a model with {num_levels} levels")
     return v

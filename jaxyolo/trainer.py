@@ -351,6 +351,8 @@ def _check_resumable(saved: dict, meta: dict) -> None:
         if saved.get(key) != meta[key]:
             raise ConfigError(f"resume: the saved run has {key}={saved.get(key)}, this one {meta[key]} "
                               "(same data, batch size and population needed)")
+    if saved.get("hyps") != json.loads(json.dumps(meta["hyps"])):
+        raise ConfigError("resume: the hyper-parameters differ from the saved run's (see its hyp.yaml)")
     a, b = saved["options"], meta["options"]
     diff = [k for k in b if k not in ("out", "workers", "eval_every", "eval_batch_size") and a.get(k) != b.get(k)]
     if diff:
