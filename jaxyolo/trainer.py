@@ -141,6 +141,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
             "batches_per_epoch": nb, "population": pop}
     state = T.replicate(T.init_state(det), pop)
     history: list[dict] = []
+    resumed_sums, elapsed0 = None, 0.0
     best = [-1.0] * pop
     if resume and store.exists():
         state, saved = store.restore(state)
@@ -148,6 +149,8 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         # rows written after the saved state (a kill between the two writes) are redone
         history = [r for r in _read_history(out / "results.csv") if r["iterations"] <= int(saved["step"])]
         best = saved["best_fitness"]
+        resumed_sums = saved.get("epoch_sums")
+        elapsed0 = float(saved.get("elapsed", 0.0))
         log.info("resumed %s at iteration %d", out, int(saved["step"]))
     elif out.exists() and any(out.iterdir()) and not resume:
         raise ConfigError(f"out {out}: exists and is not empty (use --resume to continue, or another --out)")
@@ -161,13 +164,24 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     emit({"event": "start", "iterations": cfg.total_iters, "step": step, "population": pop,
           "train_images": len(train_ds), "val_images": len(val_ds), "batches_per_epoch": nb})
     base_key = jax.random.key(options.seed)
-    t_start = time.time()
+    t_start = time.time() - elapsed0  # time_s counts the saved run's time up to its checkpoint
+
+    def save(state, sums, count):
+        epoch_sums = None if sums is None else {"count": count.tolist(),
+                                                **{k: v.tolist() for k, v in sums.items()}}
+        store.save(state, {**meta, "step": step, "best_fitness": best, "elapsed": time.time() - t_start,
+                           "epoch_sums": epoch_sums})
+
     while step < cfg.total_iters:
         epoch, start_batch = divmod(step, nb)
         batches = train_batches(train_ds, img_size=options.img_size, batch_size=options.batch_size,
                                 max_boxes=options.max_boxes, seed=options.seed, epoch=epoch, mosaic=use_mosaic,
                                 start_batch=start_batch, num_workers=options.workers)
         sums, count, pending = None, 0, None
+        if start_batch and resumed_sums:  # the epoch's running averages continue exactly
+            count = np.asarray(resumed_sums["count"], np.int64)
+            sums = {k: np.asarray(v, np.float32) for k, v in resumed_sums.items() if k != "count"}
+        resumed_sums = None
         for batch in batches:
             batch = {k: v for k, v in batch.items() if k not in ("index", "overflow", "mosaic_overflow")}
             keys = jax.random.split(jax.random.fold_in(base_key, step), pop)
@@ -177,8 +191,13 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
             pending = metrics
             step += 1
             if options.save_every and step % options.save_every == 0 and step % nb:
-                store.save(state, {**meta, "step": step, "best_fitness": best})
-        sums, count = _accumulate(sums, count, pending, options, step - 1, emit)
+                events: list[dict] = []  # announced once the state that follows them is on disk
+                sums, count = _accumulate(sums, count, pending, options, step - 1, events.append)
+                pending = None
+                save(state, sums, count)
+                for event in events:
+                    emit(event)
+        sums, count = _accumulate(sums, count, pending, options, step - 1, emit)  # an epoch ends on a step
         last_epoch = step >= cfg.total_iters
         if (epoch + 1) % options.eval_every == 0 or last_epoch:
             results = _evaluate(graphdef, det, state, layout, stats_layout, hyp_arr, val_ds, options)
@@ -203,7 +222,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         for row in rows:
             tb.scalars({k: v for k, v in row.items() if isinstance(v, float) and np.isfinite(v)},
                        step=epoch, prefix=f"member{row['member']}/" if pop > 1 else "")
-        store.save(state, {**meta, "step": step, "best_fitness": best})
+        save(state, None, None)
         emit({"event": "epoch", "epoch": epoch, "epochs": options.epochs, "rows": rows})
     store.wait()
     tb.close()

@@ -46,3 +46,36 @@ def tiny():
 @pytest.fixture(scope="session")
 def images():
     return np.random.default_rng(0).uniform(0, 1, (2, IMG, IMG, 3)).astype(np.float32)
+
+
+# ----------------------------------------------------------------- shared tiny training runs
+
+
+@pytest.fixture(scope="session")
+def runs_root(tmp_path_factory):
+    """Where the shared tiny runs of `helpers.train_runs` live (one folder for all xdist workers)."""
+    from helpers import train_runs as R
+
+    return R.shared_root(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def reference(runs_root):
+    """An unbroken tiny `jaxyolo train` run (read-only: copy it to modify it)."""
+    from helpers import train_runs as R
+
+    return R.reference_run(runs_root)
+
+
+@pytest.fixture(scope="session")
+def killed(runs_root):
+    """The same run killed with SIGKILL mid-epoch and resumed (read-only)."""
+    from helpers import train_runs as R
+
+    return R.killed_and_resumed_run(runs_root)
+
+
+@pytest.fixture
+def data_env(runs_root, monkeypatch):
+    """Synthetic datasets from the shared runs' cache, not the user's."""
+    monkeypatch.setenv("JAXYOLO_CACHE", str(runs_root / "data"))

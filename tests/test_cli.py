@@ -12,7 +12,6 @@ import shutil
 from collections import Counter
 
 import numpy as np
-import pytest
 from helpers import train_runs as R
 from PIL import Image
 
@@ -21,21 +20,6 @@ from jaxyolo import hyp as H
 from jaxyolo.data.sources import open_dataset
 from jaxyolo.evaluate import STAT_NAMES
 from jaxyolo.validate import validate
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return R.shared_root(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reference(root):
-    return R.reference_run(root)
-
-
-@pytest.fixture
-def data_env(root, monkeypatch):
-    monkeypatch.setenv("JAXYOLO_CACHE", str(root / "data"))
 
 
 def val_dataset():

@@ -342,6 +342,10 @@ def test_coco_ground_truth_round_trip(syn, tmp_path):
         assert back.image_size(i) == yolo.image_size(i)
         np.testing.assert_array_equal(back.labels(i)[0], yolo.labels(i)[0])
         np.testing.assert_array_equal(back.labels(i)[1], yolo.labels(i)[1])
+    # built once per dataset, handed out as a copy: the edits above (and pycocotools') do not leak
+    again = yolo.coco_ground_truth()
+    assert "file_name" not in again["images"][0]
+    assert again == YoloDataset(syn / "data.yaml", "val").coco_ground_truth()
 
 
 def test_synthetic_dataset_cache(tmp_path, monkeypatch):

@@ -12,7 +12,6 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from jaxyolo.tools import evaluate_cmd
 
 from jaxyolo.data.dataset import DetectionDataset
 from jaxyolo.errors import JaxyoloError
@@ -27,6 +26,7 @@ from jaxyolo.evaluate import (
     split_detections,
     voc_map,
 )
+from jaxyolo.tools import evaluate_cmd
 
 COCOAPI_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cocoapi-eval"
 GT_JSON = COCOAPI_DIR / "instances_val2014_100.json"

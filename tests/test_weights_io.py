@@ -12,10 +12,10 @@ import zipfile
 import numpy as np
 import pytest
 from conftest import SPEC_DIR, perturbed
-from jaxyolo.tools import cli
 
 import jaxyolo
 from jaxyolo.export.torch_format import write_state_dict
+from jaxyolo.tools import cli
 
 
 def _read_tsv(name):

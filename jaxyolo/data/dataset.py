@@ -12,6 +12,7 @@ boundary (`category_ids[c]`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections import Counter
@@ -85,7 +86,16 @@ class DetectionDataset:
         return tuple(self[i].image.shape[:2])
 
     def coco_ground_truth(self) -> dict:
-        """The dataset as a COCO-format ground-truth dict for pycocotools."""
+        """The dataset as a COCO-format ground-truth dict for pycocotools.
+
+        Built once per dataset object (it reads every label and image size) and handed out as a
+        copy, because pycocotools writes into the annotations it is given."""
+        cached = self.__dict__.get("_coco_ground_truth")
+        if cached is None:
+            cached = self.__dict__["_coco_ground_truth"] = self._build_coco_ground_truth()
+        return copy.deepcopy(cached)
+
+    def _build_coco_ground_truth(self) -> dict:
         images, annotations = [], []
         for i, image_id in enumerate(self.image_ids):
             h, w = self.image_size(i)

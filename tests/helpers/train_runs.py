@@ -142,7 +142,6 @@ def killed_and_resumed_run(root: Path) -> Path:
 
 def _drive(argv: list[str]) -> int:
     from jaxyolo.tools import cli, train_cmd
-
     from jaxyolo.trainer import fit
 
     args = cli.build_parser().parse_args(["train"] + argv)
