@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 VENV=.venv
-EXTRAS=dev,torch,tfds  # torch: the CPU wheel (pip install torch==2.13.0) for cross-checks; tfds: array_record datasets
+EXTRAS=dev,torch,tfds,export  # torch: the CPU wheel (pip install torch==2.13.0) for cross-checks; tfds: array_record datasets; export: jax2onnx + onnxruntime
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"

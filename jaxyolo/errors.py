@@ -15,3 +15,8 @@ class ConfigError(JaxyoloError, ValueError):
 
 class CheckpointError(JaxyoloError, ValueError):
     """A checkpoint file is unreadable, corrupt, hostile, or does not fit the model."""
+
+
+class ExportError(JaxyoloError, RuntimeError):
+    """An export could not be built, or its outputs differ from the JAX model's beyond the
+    stated tolerance (then nothing is written)."""
