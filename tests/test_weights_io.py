@@ -36,6 +36,8 @@ def test_state_dict_keys_and_shapes_equal_the_reference(name, head):
     from jaxyolo.export.state_dict import expected_shapes
 
     assert list(expected_shapes(det.model).items()) == ref
+    # the abstract detector's state_dict lists the same keys with shapes only
+    assert [(k, tuple(v.shape)) for k, v in det.state_dict().items()] == ref
 
 
 def test_every_variable_is_mapped_exactly_once(tiny):

@@ -17,6 +17,7 @@ import dataclasses
 from collections import OrderedDict
 from typing import Callable, Iterator, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -94,9 +95,13 @@ def expected_shapes(model) -> "OrderedDict[str, tuple[int, ...]]":
 
 
 def to_state_dict(model) -> "OrderedDict[str, np.ndarray]":
-    """The model's reference state_dict: numpy arrays keyed by PyTorch names, in order."""
+    """The model's reference state_dict: numpy arrays keyed by PyTorch names, in order (for an
+    abstract model, `jax.ShapeDtypeStruct`s of the reference shapes)."""
     out = OrderedDict()
     for e in entries(model):
+        if e.variable is not None and isinstance(e.variable.get_value(), jax.ShapeDtypeStruct):
+            out[e.key] = jax.ShapeDtypeStruct(e.shape, e.variable.get_value().dtype)  # abstract model: shapes only
+            continue
         value = e.derived() if e.variable is None else e.to_torch(np.asarray(e.variable.get_value()))
         out[e.key] = np.array(value, order="C")  # (ascontiguousarray would turn 0-d into 1-d)
     return out
