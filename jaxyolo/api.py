@@ -145,6 +145,21 @@ class Detector:
         sdmap.load_state_dict(self.model, state, source=source)
         return self
 
+    # -- deployment ---------------------------------------------------------------------------
+    def export_onnx(self, path: str | Path, img_size: int = 640, **options) -> dict:
+        """Write a parity-gated ONNX model (implicit layers and BN folded); see
+        `jaxyolo.export.onnx_export.export_onnx` for the options. Returns the export report."""
+        from jaxyolo.export.onnx_export import export_onnx
+
+        return export_onnx(self, path, img_size, **options)
+
+    def export_torch(self, out_dir: str | Path, img_size: int = 640, **options) -> dict:
+        """Write the PyTorch mirror (a torch-only module file, config.json, model.pt), parity-gated;
+        see `jaxyolo.export.torch_export.export_torch`. Returns the export report."""
+        from jaxyolo.export.torch_export import export_torch
+
+        return export_torch(self, out_dir, img_size, **options)
+
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Save as an Orbax checkpoint folder: the model's variables plus a JSON description."""

@@ -238,11 +238,22 @@ class BottleneckCSP2(_CSPBase):
 
 
 def max_pool_same(x, k: int):
-    """k x k max-pool, stride 1, padding k//2 with -inf (PyTorch's MaxPool2d)."""
+    """k x k max-pool, stride 1, padding k//2 with -inf (PyTorch's MaxPool2d), on NHWC.
+
+    Computed separably, a 1-D max over k rows then over k columns, each as a `reduce_window` on
+    a rank-3 view: the k x k maximum is exactly the maximum of the row maxima, so the values are
+    identical to the 2-D pool (max is exact), and XLA does O(2k) instead of O(k^2) work. The
+    rank-3 form matters for ONNX export: jax2onnx lowers a `reduce_window` max to a MaxPool over
+    *every* axis of its operand, and onnxruntime's MaxPool takes at most 3 spatial axes.
+    """
     p = k // 2
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, k, k, 1), (1, 1, 1, 1), ((0, 0), (p, p), (p, p), (0, 0))
-    )
+    b, h, w, c = x.shape
+
+    def pool_axis1(v):  # (N, L, M) -> max over a window of k along L
+        return jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, (1, k, 1), (1, 1, 1), ((0, 0), (p, p), (0, 0)))
+
+    y = pool_axis1(x.reshape(b, h, w * c)).reshape(b, h, w, c)  # along H
+    return pool_axis1(y.reshape(-1, w, c)).reshape(b, h, w, c)  # along W
 
 
 class SPPCSP(_CSPBase):
