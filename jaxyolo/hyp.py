@@ -30,10 +30,12 @@ KEYS = (
 IGNORED = {"iou_t": "unused by the loss", "anchors": "anchors come from the model table",
            "copy_paste": "copy-paste augmentation needs segments", "paste_in": "needs segments"}
 RANGES = {  # (low, high) sanity bounds; a value outside is an error naming the key
+    # (translate up to 1: the reference evolution meta table allows 0.9, and the warp handles any
+    # value, an image moved out of the frame just loses its boxes)
     "lr0": (0, 1), "lrf": (0, 1), "momentum": (0, 1), "weight_decay": (0, 1), "warmup_epochs": (0, 1e4),
     "warmup_momentum": (0, 1), "warmup_bias_lr": (0, 1), "box": (0, 1e3), "cls": (0, 1e3), "cls_pw": (0, 1e3),
     "obj": (0, 1e3), "obj_pw": (0, 1e3), "anchor_t": (1, 1e3), "label_smoothing": (0, 1), "hsv_h": (0, 1),
-    "hsv_s": (0, 1), "hsv_v": (0, 1), "degrees": (0, 180), "translate": (0, 0.5), "scale": (0, 1),
+    "hsv_s": (0, 1), "hsv_v": (0, 1), "degrees": (0, 180), "translate": (0, 1), "scale": (0, 1),
     "shear": (0, 90), "perspective": (0, 0.01), "flipud": (0, 1), "fliplr": (0, 1), "mosaic": (0, 1),
     "mixup": (0, 1), "balance": (0, 1e3),
 }

@@ -136,7 +136,7 @@ def test_unknown_key_is_an_error_naming_it():
         H.load_hyp(overrides={"mosiac": 1.0})
 
 
-@pytest.mark.parametrize("key, value", [("momentum", 1.5), ("lr0", -0.01), ("anchor_t", 0.5), ("translate", 0.7),
+@pytest.mark.parametrize("key, value", [("momentum", 1.5), ("lr0", -0.01), ("anchor_t", 0.5), ("translate", 1.5),
                                         ("box", math.nan), ("obj", math.inf), ("balance", [4.0, -1.0, 0.4])])
 def test_out_of_range_value_is_an_error_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=rf"\b{key}\b"):
