@@ -143,6 +143,12 @@ def test_yolo_label_without_image_is_reported(tmp_path):
     ds = YoloDataset(y, "train")
     n, ex = _skips(ds, "label file without image")
     assert len(ds) == 1 and n == 1 and "9.txt" in ex
+    # a split that names its images is a chosen subset: the other labels are not orphans
+    cfg = yaml.safe_load(y.read_text())
+    cfg["train"] = ["images/train/1.jpg"]
+    y.write_text(yaml.safe_dump(cfg))
+    ds = YoloDataset(y, "train")
+    assert len(ds) == 1 and "label file without image" not in ds.skipped.counts
 
 
 def test_yolo_exif_orientation_applied(tmp_path):

@@ -209,6 +209,7 @@ def list_images(sources: list[Path], split: str, path: Path, report: SkipReport)
             folders_only = False
             files += _read_image_list(src, report)
         elif src.is_file() and src.suffix.lower() in IMAGE_SUFFIXES:
+            folders_only = False  # named images are a chosen subset too
             files.append(str(src))
         else:
             raise ConfigError(f"{path}: the '{split}' images path {src} does not exist")
