@@ -55,6 +55,7 @@ class SearchOptions:
     data: str = "synthetic"
     space: str = "default"  # a bundled search space name or a YAML path
     hyp: str | None = None  # base hyp for keys outside the space (default: scratch-s)
+    weights: str | None = None  # every trial starts from these weights (a fine-tuning search)
     population: int = 16
     generations: int = 10
     trial_epochs: int = 3
@@ -112,7 +113,8 @@ def train_evaluator(options: SearchOptions, progress: Callable[[dict], None] | N
 
     def evaluate(hyps: Sequence[dict], tag: str, epochs: int | None = None) -> list[dict]:
         folder = Path(options.out) / "trials" / tag
-        topts = TrainOptions(model=options.model, data=options.data, img_size=options.img_size,
+        topts = TrainOptions(model=options.model, data=options.data, weights=options.weights,
+                             img_size=options.img_size,
                              batch_size=options.batch_size, epochs=epochs or options.trial_epochs, out=str(folder),
                              seed=options.seed, head=options.head, kst=options.kst, workers=options.workers,
                              nominal_batch=options.nominal_batch, min_warmup_iters=options.min_warmup_iters,
