@@ -136,3 +136,13 @@ def test_tiny_real_search_through_the_cli(data_env, tmp_path):
     assert trials[0]["fitness"] == pytest.approx(float([r for r in rows if r["member"] == "0"][-1]["fitness"]))
     assert H.load_hyp(out / "best_hyp.yaml")
     assert "best:" in stdout and "fitness per member" in stdout
+
+
+def test_time_estimate_counts_every_population(data_env):
+    from jaxyolo.tools.search_cmd import estimate_seconds
+
+    opts = S.options("unused", data="synthetic:num_train=16,num_val=8,img_size=64-96", img_size=64, batch_size=8,
+                     trial_epochs=2, generations=3, grid_dims=1, population=2)
+    est = estimate_seconds(opts)
+    assert est["populations"] == 4 and est["iterations_per_epoch"] == 2
+    assert est["forward_s"] > 0 and est["seconds"] >= 4 * est["per_population"] > 0
