@@ -25,6 +25,8 @@ KEYS = (
     "box", "cls", "cls_pw", "obj", "obj_pw", "anchor_t", "label_smoothing", "balance",
     "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective",
     "flipud", "fliplr", "mosaic", "mixup",
+    # distillation (jaxyolo.distill; all weights 0 by default: plain training)
+    "kd_obj", "kd_cls", "kd_box", "kd_feat", "kd_T", "kd_conf",
 )
 # keys reference files carry that do not change this implementation (accepted, not used)
 IGNORED = {"iou_t": "unused by the loss", "anchors": "anchors come from the model table",
@@ -38,6 +40,8 @@ RANGES = {  # (low, high) sanity bounds; a value outside is an error naming the 
     "hsv_s": (0, 1), "hsv_v": (0, 1), "degrees": (0, 180), "translate": (0, 1), "scale": (0, 1),
     "shear": (0, 90), "perspective": (0, 0.01), "flipud": (0, 1), "fliplr": (0, 1), "mosaic": (0, 1),
     "mixup": (0, 1), "balance": (0, 1e3),
+    "kd_obj": (0, 1e3), "kd_cls": (0, 1e3), "kd_box": (0, 1e3), "kd_feat": (0, 1e3), "kd_T": (0.1, 100),
+    "kd_conf": (0, 1),
 }
 
 

@@ -8,7 +8,12 @@ a pure function of pytrees, so
 * `population_step(train_step, mesh)` jits that vmapped step over a `Mesh` with axes ('pop', 'data'):
   members are sharded over 'pop', the batch over 'data'. Under `jit` the program keeps global
   semantics, so BatchNorm statistics are those of the whole batch (synchronised BN) and the result
-  does not depend on the number of devices.
+  does not depend on the number of devices. A step with shared arguments between the state and the
+  batch (the distillation step's teacher, `jaxyolo.distill`) gets them replicated, not vmapped.
+
+`StepCore` is what every step shares: inputs (on-device augmentation), the detection loss, and
+`update` (schedule, SGD, accumulation, EMA, non-finite skip) from a loss and its gradients; the
+train step here and the distillation step are thin functions around it.
 
 The optimiser, schedule and EMA are the reference's (spec §9), written as array arithmetic on the
 step counter so that every hyper-parameter can differ between members:
@@ -93,18 +98,40 @@ class TrainState:
     ema_updates: jax.Array
     nonfinite_run: jax.Array  # non-finite iterations in a row
     nonfinite_total: jax.Array
+    # extra parameters trained beside the model but not part of it (distillation adapters):
+    # None, or {"params": pytree, "momentum": flat, "grads": flat} (see `aux_layout`)
+    aux: Any = None
 
 
-def init_state(detector) -> TrainState:
-    """The state of one member, from a detector's current weights (EMA starts as a copy)."""
+def init_state(detector, aux_params=None) -> TrainState:
+    """The state of one member, from a detector's current weights (EMA starts as a copy).
+    `aux_params`: extra trainable parameters (a pytree of arrays) that the step updates with the
+    same optimiser but that are no part of the detector (e.g. distillation adapters)."""
     detector._require_values("train")
     _, params, stats = _split(detector.model)
     flat_p, flat_s = param_layout(detector).flat(params), FlatLayout(stats).flat(stats)
     zeros = jnp.zeros_like(flat_p)
     i32 = lambda v: jnp.asarray(v, jnp.int32)
+    aux = None
+    if aux_params is not None:
+        aux_params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), aux_params)
+        a_zeros = jnp.zeros((aux_layout(aux_params).size,), jnp.float32)
+        aux = {"params": aux_params, "momentum": a_zeros, "grads": a_zeros}
     return TrainState(step=i32(0), params=params, stats=stats, momentum=zeros, grads=zeros,
                       last_opt_step=i32(-1), ema_params=flat_p, ema_stats=flat_s, ema_updates=i32(0),
-                      nonfinite_run=i32(0), nonfinite_total=i32(0))
+                      nonfinite_run=i32(0), nonfinite_total=i32(0), aux=aux)
+
+
+def aux_layout(aux_params) -> "FlatLayout":
+    """The flat layout of extra trainable parameters: leaves named `bias` in the bias group (no
+    weight decay), all others in the decay group (like conv weights)."""
+
+    def group(path, _):
+        last = path[-1]
+        name = getattr(last, "key", getattr(last, "name", None))
+        return GROUP_BIAS if name == "bias" else GROUP_DECAY
+
+    return FlatLayout(aux_params, jax.tree_util.tree_map_with_path(group, aux_params))
 
 
 class FlatLayout:
@@ -229,46 +256,54 @@ def ema_decay(updates):
     return 0.9999 * (1 - jnp.exp(-updates / 2000.0))
 
 
-def make_train_step(detector, config: TrainConfig, *, augment_fn: Callable | None = None):
-    """The pure step for `detector`'s architecture: (state, batch, hyp, key) -> (state, metrics).
+class StepCore:
+    """What every training step shares (the train step here, the distillation step in
+    `jaxyolo.distill`): the batch's images and targets, the detection loss, and everything after the
+    gradients (schedule, grouped SGD, accumulation, EMA, non-finite skip) in `update`.
 
-    `batch` (numpy or device arrays): with `config.augment`, the host pipeline's mosaic and single
-    versions (see `jaxyolo.data.pipeline`) which `augment_fn` (default `jaxyolo.augment.augment_batch`)
-    turns into this member's images and targets; without, `image` (B, S, S, 3) uint8 or float in
-    [0, 1] with `boxes`, `classes`, `mask`.
+    A step computes its loss and gradients its own way, then hands them to `update`, so train_step
+    and distill_step run one implementation of the optimiser.
     """
-    graphdef, _, _ = _split(detector.model)
-    spec = detector.spec
-    layout = param_layout(detector)
-    stats_layout = FlatLayout(_split(detector.model)[2])
-    opt = yolo_sgd(layout)
-    nc = spec.nc
-    if config.augment and augment_fn is None:
-        from jaxyolo.augment import augment_batch as augment_fn
-    wd_scale = config.batch_size * config.accumulate / config.nominal_batch
 
-    def inputs(batch, hyp, key):
-        if config.augment:
-            return augment_fn(key, hyp, batch, out_size=config.img_size)
-        img = batch["image"]
-        img = img.astype(jnp.float32) / 255.0 if img.dtype == jnp.uint8 else img.astype(jnp.float32)
-        return img, batch["boxes"], batch["classes"], batch["mask"]
+    def __init__(self, detector, config: TrainConfig, augment_fn: Callable | None = None):
+        self.graphdef, _, like_stats = _split(detector.model)
+        self.spec = detector.spec
+        self.config = config
+        self.layout = param_layout(detector)
+        self.stats_layout = FlatLayout(like_stats)
+        self.opt = yolo_sgd(self.layout)
+        if config.augment and augment_fn is None:
+            from jaxyolo.augment import augment_batch as augment_fn
+        self.augment_fn = augment_fn
+        self.wd_scale = config.batch_size * config.accumulate / config.nominal_batch
 
-    def loss_fn(params, stats, images, boxes, classes, mask, hyp, key):
-        model = nnx.merge(graphdef, params, stats, copy=True)
-        raw = model(images, train=True, key=key)
-        loss_hyp = {**hyp, "cls": hyp["cls"] * (nc / 80.0)}  # spec §9: hyp['cls'] *= nc / 80
-        total, terms = yolo_loss(raw, boxes, classes, mask, anchors=spec.anchors, strides=spec.strides,
-                                 hyp=loss_hyp)
-        return total, (terms, nnx.state(model, nnx.BatchStat))
+    def inputs(self, batch, hyp, key):
+        """(images float32 in [0, 1], boxes, classes, mask) of this member: augmented on device with
+        `config.augment`, else the batch's own."""
+        if self.config.augment:
+            return self.augment_fn(key, hyp, batch, out_size=self.config.img_size)
+        return batch_images(batch), batch["boxes"], batch["classes"], batch["mask"]
 
-    def train_step(state: TrainState, batch, hyp, key):
-        k_aug, k_kst = jax.random.split(key)
-        images, boxes, classes, mask = inputs(batch, hyp, k_aug)
-        (total, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.stats, images, boxes, classes, mask, hyp, k_kst)
+    def detection_loss(self, raw, boxes, classes, mask, hyp):
+        """The reference loss (`jaxyolo.loss.yolo_loss`) with cls gain × nc/80 (spec §9)."""
+        spec = self.spec
+        loss_hyp = {**hyp, "cls": hyp["cls"] * (spec.nc / 80.0)}  # spec §9: hyp['cls'] *= nc / 80
+        return yolo_loss(raw, boxes, classes, mask, anchors=spec.anchors, strides=spec.strides, hyp=loss_hyp)
+
+    def update(self, state: TrainState, total, grads, new_stats, hyp, aux_grads=None):
+        """One iteration's bookkeeping from the loss `total` and the gradients of the params (a tree
+        like `state.params`) and, if `state.aux` holds extra trainable parameters, of those
+        (`aux_grads`, like `state.aux['params']`; same schedule, groups by `aux_layout`, no EMA).
+
+        Returns (new state, metrics: lr, lr_bias, momentum, finite, optimizer_step, nonfinite_run).
+        """
+        layout, config = self.layout, self.config
         grads = layout.flat(grads)
         finite = jnp.isfinite(total) & jnp.all(jnp.isfinite(grads))
+        if aux_grads is not None:
+            a_layout = aux_layout(state.aux["params"])
+            aux_grads = a_layout.flat(aux_grads)
+            finite = finite & jnp.all(jnp.isfinite(aux_grads))
 
         ni = state.step
         lr_bias, lr_other, momentum, accumulate = schedule(ni, hyp, config)
@@ -277,28 +312,70 @@ def make_train_step(detector, config: TrainConfig, *, augment_fn: Callable | Non
         do_opt = finite & ((ni - state.last_opt_step) >= accumulate)
 
         p = layout.flat(state.params)
-        updates, buffers = opt.update(acc, state.momentum, p, lr_bias=lr_bias, lr_other=lr_other,
-                                      momentum=momentum, weight_decay=hyp["weight_decay"] * wd_scale)
+        updates, buffers = self.opt.update(acc, state.momentum, p, lr_bias=lr_bias, lr_other=lr_other,
+                                           momentum=momentum, weight_decay=hyp["weight_decay"] * self.wd_scale)
         p = jnp.where(do_opt, p + updates, p)
         ema_updates = state.ema_updates + do_opt.astype(jnp.int32)
         d = ema_decay(ema_updates.astype(jnp.float32))
         blend = lambda e, m: jnp.where(do_opt, d * e + (1 - d) * m, e)
+        aux = state.aux
+        if aux_grads is not None:
+            aux_acc = jnp.where(finite, aux["grads"] + aux_grads, aux["grads"])
+            ap = a_layout.flat(aux["params"])
+            a_updates, a_buffers = yolo_sgd(a_layout).update(
+                aux_acc, aux["momentum"], ap, lr_bias=lr_bias, lr_other=lr_other, momentum=momentum,
+                weight_decay=hyp["weight_decay"] * self.wd_scale)
+            aux = {"params": a_layout.unflat(jnp.where(do_opt, ap + a_updates, ap)),
+                   "momentum": jnp.where(do_opt, a_buffers, aux["momentum"]),
+                   "grads": jnp.where(do_opt, 0.0, aux_acc)}
         new = TrainState(
             step=ni + 1, params=layout.unflat(p), stats=stats,
             momentum=jnp.where(do_opt, buffers, state.momentum),
             grads=jnp.where(do_opt, 0.0, acc),
             last_opt_step=jnp.where(do_opt, ni, state.last_opt_step),
             ema_params=blend(state.ema_params, p),
-            ema_stats=blend(state.ema_stats, stats_layout.flat(stats)),
+            ema_stats=blend(state.ema_stats, self.stats_layout.flat(stats)),
             ema_updates=ema_updates,
             nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+            aux=aux,
         )
+        metrics = {"lr": lr_other, "lr_bias": lr_bias, "momentum": momentum, "finite": finite,
+                   "optimizer_step": do_opt, "nonfinite_run": new.nonfinite_run}
+        return new, metrics
+
+
+def batch_images(batch):
+    """A batch's `image` as float32 in [0, 1] (uint8 is divided by 255)."""
+    img = batch["image"]
+    return img.astype(jnp.float32) / 255.0 if img.dtype == jnp.uint8 else img.astype(jnp.float32)
+
+
+def make_train_step(detector, config: TrainConfig, *, augment_fn: Callable | None = None):
+    """The pure step for `detector`'s architecture: (state, batch, hyp, key) -> (state, metrics).
+
+    `batch` (numpy or device arrays): with `config.augment`, the host pipeline's mosaic and single
+    versions (see `jaxyolo.data.pipeline`) which `augment_fn` (default `jaxyolo.augment.augment_batch`)
+    turns into this member's images and targets; without, `image` (B, S, S, 3) uint8 or float in
+    [0, 1] with `boxes`, `classes`, `mask`.
+    """
+    core = StepCore(detector, config, augment_fn)
+
+    def loss_fn(params, stats, images, boxes, classes, mask, hyp, key):
+        model = nnx.merge(core.graphdef, params, stats, copy=True)
+        raw = model(images, train=True, key=key)
+        total, terms = core.detection_loss(raw, boxes, classes, mask, hyp)
+        return total, (terms, nnx.state(model, nnx.BatchStat))
+
+    def train_step(state: TrainState, batch, hyp, key):
+        k_aug, k_kst = jax.random.split(key)
+        images, boxes, classes, mask = core.inputs(batch, hyp, k_aug)
+        (total, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.stats, images, boxes, classes, mask, hyp, k_kst)
+        new, info = core.update(state, total, grads, new_stats, hyp)
         bsz = images.shape[0]
-        metrics = {"loss": total / bsz, "local": terms["local"], "global": terms["global"],
-                   "lr": lr_other, "lr_bias": lr_bias, "momentum": momentum, "finite": finite,
-                   "optimizer_step": do_opt, "targets": jnp.sum(mask),
-                   "nonfinite_run": new.nonfinite_run}
+        metrics = {"loss": total / bsz, "local": terms["local"], "global": terms["global"], **info,
+                   "targets": jnp.sum(mask)}
         return new, metrics
 
     return train_step
@@ -316,25 +393,43 @@ def make_mesh(pop: int = 1, data: int | None = None, devices=None) -> Mesh:
     return Mesh(np.asarray(devices[: pop * data]).reshape(pop, data), ("pop", "data"))
 
 
-def population_step(train_step, mesh: Mesh, *, donate: bool = True):
+def population_step(train_step, mesh: Mesh, *, donate: bool = True, replicated: int | None = None):
     """jit(vmap(train_step)) with the population over 'pop' and the batch over 'data'.
 
     Call as step(states, batch, hyps, keys): states/hyps/keys with a leading axis P (a multiple of
     the mesh's 'pop' size, see `pad_population`), batch leaves with a leading batch axis (a
-    multiple of the 'data' size).
+    multiple of the 'data' size). A step with more arguments, step(state, *shared, batch, hyp, key)
+    (the distillation step: state, teacher_params, batch, hyp, key), takes the arguments between
+    the state and the batch as shared by every member: not vmapped (`in_axes=None`) and replicated
+    over the mesh. Their count `replicated` defaults to what the step's signature says.
 
     The 'pop' axis is manual (`shard_map`): each device group runs the vmapped step on its own
     members. Letting the SPMD partitioner split the vmapped convolutions instead (they become
     grouped convolutions with one group per member) fails in XLA when the group count is divided.
     The 'data' axis stays automatic, so BatchNorm keeps whole-batch statistics.
     """
-    vstep = jax.vmap(train_step, in_axes=(0, None, 0, 0))
-    local = jax.shard_map(vstep, mesh=mesh, in_specs=(P("pop"), P(), P("pop"), P("pop")),
+    if replicated is None:
+        replicated = _positional_count(train_step) - 4
+    if replicated < 0:
+        raise ConfigError("population_step: the step must take (state, [shared...], batch, hyp, key)")
+    shared = (None,) * replicated
+    vstep = jax.vmap(train_step, in_axes=(0, *shared, None, 0, 0))
+    local = jax.shard_map(vstep, mesh=mesh, in_specs=(P("pop"), *(P() for _ in shared), P(), P("pop"), P("pop")),
                           out_specs=(P("pop"), P("pop")), axis_names={"pop"}, check_vma=False)
     pop = NamedSharding(mesh, P("pop"))
     data = NamedSharding(mesh, P("data"))
-    return jax.jit(local, in_shardings=(pop, data, pop, pop), out_shardings=(pop, pop),
+    rep = NamedSharding(mesh, P())
+    return jax.jit(local, in_shardings=(pop, *(rep for _ in shared), data, pop, pop), out_shardings=(pop, pop),
                    donate_argnums=(0,) if donate else ())
+
+
+def _positional_count(fn) -> int:
+    import inspect
+
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 4
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 def pad_population(tree, multiple: int):

@@ -5,7 +5,10 @@
 
 * the host pipeline (`jaxyolo.data.pipeline`) builds mosaic and single versions of each sample;
   every member augments them on device with its own hyper-parameters;
-* one jitted, vmapped `train_step` per iteration over the ('pop', 'data') mesh;
+* one jitted, vmapped `train_step` per iteration over the ('pop', 'data') mesh; with a `teacher`
+  checkpoint, the distillation step (`jaxyolo.distill`) instead: the students' loss gains the
+  kd_* terms of their hyp sets, the teacher is replicated over the mesh, and what is saved as
+  weights is the student alone;
 * per epoch: validation of every member's EMA model, one row per member appended to
   `results.csv` (rewritten atomically), TensorBoard scalars, the EMA detector saved as
   `weights/last` and, when fitness improves, `weights/best` (loadable by `jaxyolo.load`);
@@ -36,6 +39,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxyolo import distill as D
 from jaxyolo import hyp as H
 from jaxyolo import train as T
 from jaxyolo.data.pipeline import train_batches
@@ -82,6 +86,8 @@ class TrainOptions:
     val_split: str = "val"
     mesh_pop: int | None = None  # devices along 'pop' (default: as many as divide P)
     subset: int | None = None  # train on the first N images only (quick runs, multi-fidelity search)
+    teacher: str | None = None  # distil from this jaxyolo checkpoint folder (its EMA / inference weights)
+    kd_features: bool = False  # with a teacher: feature imitation at P3-P5 through 1x1 adapters (hyp kd_feat)
 
     def check(self):
         for name in ("img_size", "batch_size", "epochs", "max_boxes", "eval_every", "eval_batch_size"):
@@ -117,8 +123,12 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         raise ConfigError(f"data {options.data}: train has {train_ds.num_classes} classes, val {val_ds.num_classes}")
     det = _initial_detector(options, train_ds.num_classes)
     det.names = tuple(train_ds.names)
+    teacher = _teacher(options, det)
     nl = len(det.spec.strides)
     hyp_list = [H.load_hyp(h, num_levels=nl) for h in (hyps or [options.hyp])]
+    if teacher is not None and D.kd_weights_zero(hyp_list):
+        log.warning("teacher %s: every kd_* weight of the hyp set(s) is 0, so distillation adds nothing "
+                    "(set kd_obj, kd_cls, kd_box or kd_feat in the hyp file)", options.teacher)
     pop = len(hyp_list)
     nb = len(train_ds) // options.batch_size
     if nb < 1:
@@ -130,7 +140,15 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     mesh = _mesh(pop, options)
     pop_sharding = NamedSharding(mesh, P("pop"))
     data_sharding = NamedSharding(mesh, P("data"))
-    step_fn = T.population_step(T.make_train_step(det, cfg, augment_fn=_augment), mesh)
+    if teacher is None:
+        step_fn = T.population_step(T.make_train_step(det, cfg, augment_fn=_augment), mesh)
+        shared: tuple = ()
+        init = T.init_state(det)
+    else:
+        step_fn = T.population_step(D.make_distill_step(det, teacher, cfg, augment_fn=_augment,
+                                                        features=options.kd_features), mesh)
+        shared = (jax.device_put(D.teacher_params(teacher), NamedSharding(mesh, P())),)
+        init = D.init_state(det, teacher, features=options.kd_features, seed=options.seed)
     use_mosaic = any(h["mosaic"] > 0 for h in hyp_list)
     hyp_arr = jax.device_put(H.stack(hyp_list), pop_sharding)
     graphdef = nnx.split(det.model, nnx.Param, nnx.BatchStat)[0]
@@ -139,7 +157,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     store = _StateStore(out / "state")
     meta = {"format": STATE_FORMAT, "options": _jsonable(dataclasses.asdict(options)), "hyps": hyp_list,
             "batches_per_epoch": nb, "population": pop}
-    state = T.replicate(T.init_state(det), pop)
+    state = T.replicate(init, pop)
     history: list[dict] = []
     resumed_sums, elapsed0 = None, 0.0
     best = [-1.0] * pop
@@ -185,7 +203,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         for batch in batches:
             batch = {k: v for k, v in batch.items() if k not in ("index", "overflow", "mosaic_overflow")}
             keys = jax.random.split(jax.random.fold_in(base_key, step), pop)
-            state, metrics = step_fn(state, jax.device_put(batch, data_sharding), hyp_arr, keys)
+            state, metrics = step_fn(state, *shared, jax.device_put(batch, data_sharding), hyp_arr, keys)
             if pending is not None:  # read the previous step's metrics while this one runs
                 sums, count = _accumulate(sums, count, pending, options, step - 1, emit)
             pending = metrics
@@ -260,6 +278,19 @@ def _initial_detector(options: TrainOptions, nc: int):
                                 kst_draw=options.kst_draw, dtype=options.dtype, seed=options.seed)
 
 
+def _teacher(options: TrainOptions, student):
+    """The teacher detector of a distillation run (None without one), checked against the student."""
+    if not options.teacher:
+        if options.kd_features:
+            raise ConfigError("kd_features: feature imitation needs a teacher (--teacher)")
+        return None
+    import jaxyolo
+
+    teacher = jaxyolo.load(Path(options.teacher))
+    D.check_compatible(student, teacher)
+    return teacher
+
+
 def _mesh(pop: int, options: TrainOptions):
     n = jax.device_count()
     if options.mesh_pop is not None:
@@ -279,6 +310,8 @@ def _accumulate(sums, count, metrics, options, step, emit):
         log.warning("iteration %d: non-finite loss for member(s) %s; update skipped", step, bad)
     run = np.asarray(m.get("nonfinite_run", 0))
     vals = {"loss": np.asarray(m["loss"]), "local": np.asarray(m["local"]), "global": np.asarray(m["global"])}
+    if "kd" in m:  # distillation terms (obj, cls, box, feat) after weights
+        vals["kd"] = np.asarray(m["kd"])
     finite = np.asarray(m["finite"])
     if sums is None:
         sums = {k: np.zeros_like(v) for k, v in vals.items()}
@@ -318,6 +351,9 @@ def _row(epoch, step, elapsed, sums, count, m, res, pop, lr) -> dict:
     row.update({f"train/{t}": float(glob[i]) for i, t in enumerate(TERMS)})
     for lvl in range(local.shape[0]):
         row.update({f"train/{LEVEL_NAMES[lvl]}/{t}": float(local[lvl, i]) for i, t in enumerate(TERMS)})
+    if "kd" in sums:
+        kd = sums["kd"][m] / n
+        row.update({f"train/kd_{t}": float(kd[i]) for i, t in enumerate(D.KD_TERMS)})
     nan = float("nan")
     vl = res["loss"]["local"] if res else np.full_like(local, nan)
     row["val/loss"] = float(np.sum(vl))
@@ -370,9 +406,15 @@ def _check_resumable(saved: dict, meta: dict) -> None:
         if saved.get(key) != meta[key]:
             raise ConfigError(f"resume: the saved run has {key}={saved.get(key)}, this one {meta[key]} "
                               "(same data, batch size and population needed)")
-    if saved.get("hyps") != json.loads(json.dumps(meta["hyps"])):
+    # a key the saved run did not know yet (a hyp or an option added since) reads as its default
+    try:
+        saved_hyps = [H.load_hyp(h, num_levels=len(h["balance"])) for h in saved.get("hyps") or []]
+    except (ConfigError, KeyError, TypeError):
+        saved_hyps = saved.get("hyps")
+    if json.loads(json.dumps(saved_hyps)) != json.loads(json.dumps(meta["hyps"])):
         raise ConfigError("resume: the hyper-parameters differ from the saved run's (see its hyp.yaml)")
-    a, b = saved["options"], meta["options"]
+    defaults = _jsonable({f.name: f.default for f in dataclasses.fields(TrainOptions)})
+    a, b = {**defaults, **saved["options"]}, meta["options"]
     diff = [k for k in b if k not in ("out", "workers", "eval_every", "eval_batch_size") and a.get(k) != b.get(k)]
     if diff:
         raise ConfigError(f"resume: options differ from the saved run: {', '.join(diff)}")
@@ -424,6 +466,8 @@ class _StateStore:
 def _to_pure(state: T.TrainState) -> dict:
     d = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
     d["params"], d["stats"] = nnx.to_pure_dict(d["params"]), nnx.to_pure_dict(d["stats"])
+    if d["aux"] is None:  # no adapters: the state has the layout it always had
+        del d["aux"]
     return d
 
 
@@ -433,8 +477,9 @@ def _from_pure(d: dict, template: T.TrainState) -> T.TrainState:
     stats = jax.tree.map(lambda x: x, stats)
     nnx.replace_by_pure_dict(params, d["params"])
     nnx.replace_by_pure_dict(stats, d["stats"])
-    return template.replace(**{**{k: jnp.asarray(v) for k, v in d.items() if k not in ("params", "stats")},
-                               "params": params, "stats": stats})
+    aux = None if template.aux is None else jax.tree.map(jnp.asarray, d["aux"])
+    return template.replace(**{**{k: jnp.asarray(v) for k, v in d.items() if k not in ("params", "stats", "aux")},
+                               "params": params, "stats": stats, "aux": aux})
 
 
 class _NullWriter:

@@ -20,6 +20,8 @@ SPEC_SCRATCH_S = {
     "obj_pw": 1.0, "anchor_t": 4.0, "hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4, "degrees": 0.0,
     "translate": 0.1, "scale": 0.5, "shear": 0.0, "perspective": 0.0, "flipud": 0.0, "fliplr": 0.5,
     "mosaic": 1.0, "mixup": 0.0, "balance": [4.0, 1.0, 0.4], "label_smoothing": 0.0,
+    # jaxyolo's distillation keys (not in the spec): weights 0, i.e. plain training
+    "kd_obj": 0.0, "kd_cls": 0.0, "kd_box": 0.0, "kd_feat": 0.0, "kd_T": 1.0, "kd_conf": 0.5,
 }
 SPEC_SCRATCH_CSP = {**SPEC_SCRATCH_S, "cls": 0.3, "obj": 0.7, "scale": 0.9}
 SPEC_FILE_ONLY = {"iou_t": 0.20, "fl_gamma": 0.0}  # in both columns; read but not used

@@ -1,10 +1,12 @@
 """`jaxyolo train`: train a detector (or a population of hyp sets) on a dataset.
 
     jaxyolo train --model yolov4s --data DATA --hyp HYP --img 640 --batch 64 --epochs 300 \
-        --out runs/train/NAME [--resume] [--weights W]
+        --out runs/train/NAME [--resume] [--weights W] [--teacher T [--kd-features]]
 
 DATA: a data YAML, a COCO json, `tfds:NAME` or `synthetic[:key=value,...]`. HYP: a bundled name
-(`scratch-s`, `scratch-csp`) or a YAML file with the reference key names.
+(`scratch-s`, `scratch-csp`) or a YAML file with the reference key names. `--teacher T` distils a
+trained jaxyolo checkpoint (same anchors, strides and classes) into the student with the hyp's
+kd_* weights (`jaxyolo.distill`); the saved weights are the student's.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def add_parser(subparsers):
     p.add_argument("--save-every", type=int, default=0, help="save the training state every N iterations too")
     p.add_argument("--max-boxes", type=int, default=100)
     p.add_argument("--subset", type=int, help="train on the first N training images only")
+    p.add_argument("--teacher", help="distil from this jaxyolo checkpoint folder (weights from the hyp's kd_* keys)")
+    p.add_argument("--kd-features", action="store_true",
+                   help="with --teacher: feature imitation at P3-P5 through 1x1 adapters (hyp kd_feat)")
     p.set_defaults(func=run)
     return p
 
@@ -51,7 +56,8 @@ def options_from_args(args):
                         kst=args.kst, act=args.act, dtype="bfloat16" if args.bf16 else None, workers=args.workers,
                         nominal_batch=args.nominal_batch, min_warmup_iters=args.min_warmup_iters,
                         schedule=args.schedule, eval_every=args.eval_every, save_every=args.save_every,
-                        max_boxes=args.max_boxes, subset=args.subset)
+                        max_boxes=args.max_boxes, subset=args.subset, teacher=args.teacher,
+                        kd_features=args.kd_features)
 
 
 class ProgressPrinter:
@@ -95,8 +101,10 @@ def _f(v, spec=".4f"):
 
 def format_row(row: dict, epochs: int) -> str:
     who = f"member {row['member']} " if "member" in row else ""
+    kd = sum(v for k, v in row.items() if k.startswith("train/kd_"))
+    kd = f"kd {_f(kd)}  " if "train/kd_obj" in row else ""
     return (f"{who}epoch {row['epoch'] + 1}/{epochs}  train loss {_f(row['train/loss'])} "
-            f"(box {_f(row['train/box'])} obj {_f(row['train/obj'])} cls {_f(row['train/cls'])})  "
+            f"(box {_f(row['train/box'])} obj {_f(row['train/obj'])} cls {_f(row['train/cls'])})  {kd}"
             f"val loss {_f(row['val/loss'])}  mAP@0.5 {_f(row['metrics/AP50'])}  "
             f"mAP@0.5:0.95 {_f(row['metrics/AP'])}")
 

@@ -77,11 +77,13 @@ class YOLO(nnx.Module):
     def head(self) -> Detect:
         return self.model[len(self.spec.layers) - 1]
 
-    def __call__(self, x, *, train: bool = False, key=None, kst_index=None):
+    def __call__(self, x, *, train: bool = False, key=None, kst_index=None, return_features: bool = False):
         """Images (B, H, W, 3) in [0, 1] -> list of raw logits (B, na, H/s, W/s, nc+5) per level.
 
         `key` draws KST candidates (training); `kst_index` = (shift, scale) picks a pair; with
-        neither the head uses the candidates' mean.
+        neither the head uses the candidates' mean. `return_features=True` returns (raw, features):
+        features are the head's inputs (B, H/s, W/s, C) per level (P3-P5), e.g. for feature
+        imitation in distillation.
         """
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ConfigError(f"images: expected shape (batch, height, width, 3), got {tuple(x.shape)}")
@@ -92,11 +94,12 @@ class YOLO(nnx.Module):
         if head.kst > 1 and train and key is None and kst_index is None:
             raise ConfigError("training a KST head needs a `key` to draw candidates (or an explicit kst_index)")
         outputs: list = []
-        y = x
+        y, features = x, None
         for ls, layer in zip(self.spec.layers, self.model):
             ins = [x if j == -1 else outputs[j] for j in ls.inputs]
             with jax.named_scope(f"layer{ls.index}"):
                 if layer is head:
+                    features = ins
                     kw = {}
                     if head.kst:
                         kw["kst_weights"] = kst_weights(
@@ -106,7 +109,7 @@ class YOLO(nnx.Module):
                 else:
                     y = layer(ins if ls.module == "Concat" else ins[0], train=train)
             outputs.append(y)
-        return y
+        return (y, features) if return_features else y
 
 
 def apply(graphdef, state, images, *, train=False, key=None, kst_index=None):
