@@ -89,7 +89,7 @@ class SearchProgress:
     """A line per population (with the time it took and an ETA) around the trainer's progress."""
 
     def __init__(self, total_populations: int, echo=print):
-        self.echo, self.total, self.done, self.spent = echo, total_populations, 0, 0.0
+        self.echo, self.total, self.done, self.spent, self.timed = echo, total_populations, 0, 0.0, 0
         self.train = ProgressPrinter(echo=echo)
 
     def __call__(self, info: dict) -> None:
@@ -99,8 +99,9 @@ class SearchProgress:
                       f"({self.done + 1}/{self.total})")
         elif ev == "done":
             self.done += 1
+            self.timed += 1
             self.spent += info["seconds"]
-            left = max(self.total - self.done, 0) * self.spent / self.done
+            left = max(self.total - self.done, 0) * self.spent / self.timed
             fit = " ".join(f"{f:.4f}" for f in info["fitness"])
             self.echo(f"    fitness per member: {fit}\n    best so far {info['best']:.4f}; "
                       f"{info['seconds'] / 60:.1f} min; about {left / 60:.0f} min left")
@@ -123,6 +124,14 @@ def run(args) -> int:
               f"{options.population} x {options.trial_epochs} epoch(s) x {est['iterations_per_epoch']} iterations "
               f"(from a measured forward pass of {est['forward_s']:.2f} s; refined after each generation)")
     progress = SearchProgress(total)
+    if args.resume:  # populations the saved log already holds count as done (for the ETA)
+        import json
+        from pathlib import Path
+
+        log = Path(options.out) / "results.json"
+        if log.exists():
+            trials = json.loads(log.read_text()).get("trials", [])
+            progress.done = len({(t["phase"], t["generation"]) for t in trials})
     res = run_search(options, resume=args.resume, evaluate=train_evaluator(options, progress=progress.train),
                      progress=progress)
     b = res.best
