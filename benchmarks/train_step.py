@@ -15,6 +15,7 @@ import time
 
 import jax
 import numpy as np
+from population import synthetic_batch  # benchmarks/ is on sys.path when run as a script
 
 import jaxyolo
 from jaxyolo import hyp as H
@@ -35,16 +36,7 @@ def main():
     from jaxyolo.trainer import _augment
 
     step = T.population_step(T.make_train_step(det, cfg, augment_fn=_augment), T.make_mesh(1, 1))
-    rng = np.random.default_rng(0)
-    s, m = args.img, 32
-    boxes = np.zeros((args.batch, m, 4), np.float32)
-    xy = rng.uniform(0, s * 0.7, (args.batch, m, 2))
-    boxes[..., :2], boxes[..., 2:] = xy, xy + rng.uniform(8, s * 0.3, (args.batch, m, 2))
-    batch = {"image": rng.integers(0, 255, (args.batch, s, s, 3), np.uint8), "boxes": boxes,
-             "classes": rng.integers(0, 80, (args.batch, m)).astype(np.int32), "mask": np.ones((args.batch, m), bool)}
-    if args.augment:
-        batch.update({"mosaic": rng.integers(0, 255, (args.batch, 2 * s, 2 * s, 3), np.uint8),
-                      "mosaic_boxes": boxes * 2, "mosaic_classes": batch["classes"], "mosaic_mask": batch["mask"]})
+    batch = synthetic_batch(args.batch, args.img, args.augment)
     state = T.replicate(T.init_state(det), 1)
     hyp = H.stack([H.load_hyp()])
     keys = jax.random.split(jax.random.key(0), 1)

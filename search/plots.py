@@ -27,6 +27,10 @@ def _plt():
     return plt
 
 
+def _free_names(space) -> list[str]:
+    return [space.names[i] for i in space.free]
+
+
 def _order(trials):
     """x position per trial: evolution generation g -> g, then the grid, then the final run."""
     gens = [t["generation"] for t in trials if t["phase"] == "evolve"]
@@ -58,7 +62,7 @@ def plot_fitness(path: Path, trials: list[dict]) -> None:
 
 def plot_params(path: Path, trials: list[dict], space) -> None:
     plt = _plt()
-    names = [n for n in space.names if not space[n].frozen] if hasattr(space, "__getitem__") else list(space.names)
+    names = _free_names(space)
     n = max(len(names), 1)
     cols = min(6, n)
     rows = int(np.ceil(n / cols))
@@ -81,10 +85,10 @@ def plot_params(path: Path, trials: list[dict], space) -> None:
 
 def plot_parallel(path: Path, trials: list[dict], space) -> None:
     plt = _plt()
-    names = [n for n in space.names if not space[n].frozen] if hasattr(space, "__getitem__") else list(space.names)
+    names = _free_names(space)
     if not names:
         return
-    idx = [space.names.index(n) for n in names]
+    idx = list(space.free)
     u = np.array([space.normalise(np.array([t["params"][m] for m in space.names]))[idx] for t in trials])
     f = np.array([t["fitness"] for t in trials])
     norm = (f - f.min()) / (np.ptp(f) or 1.0)

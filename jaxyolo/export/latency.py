@@ -53,10 +53,10 @@ def onnx_latency(path: str | Path, img_size: int, *, threads: int, runs: int, wa
     return median_ms(lambda: sess.run(None, {inp.name: x}), runs=runs, warmup=warmup)
 
 
-def jax_latency(detector, img_size: int, *, runs: int, warmup: int) -> float:
+def jax_latency(folded, img_size: int, *, runs: int, warmup: int) -> float:
+    """`folded`: the detector's inference form (`Detector.fold()`)."""
     import jax
 
-    folded = detector.fold()
     x = jax.numpy.asarray(np.random.default_rng(0).uniform(0, 1, (1, img_size, img_size, 3)).astype(np.float32))
     return median_ms(lambda: jax.block_until_ready(folded(x)), runs=runs, warmup=warmup)
 
@@ -108,13 +108,14 @@ def profile(detector, img_sizes, *, runs: int = 50, warmup: int = 10, threads: i
 
             torch_dir = tmp / "torch"
             export_torch(detector, torch_dir, img_sizes[0])
+        folded = detector.fold()
         for s in img_sizes:
             onnx_path = tmp / f"model-{s}.onnx"
             report = export_onnx(detector, onnx_path, s)
             onnx_ms = onnx_latency(onnx_path, s, threads=threads, runs=runs, warmup=warmup)
             row = {"img": s, "params": detector.num_params(), "gflops": detector.gflops(s),
                    "onnx_ms": onnx_ms, "onnx_fps": 1e3 / onnx_ms,
-                   "jax_ms": jax_latency(detector, s, runs=runs, warmup=warmup),
+                   "jax_ms": jax_latency(folded, s, runs=runs, warmup=warmup),
                    "torch_ms": torch_latency(torch_dir, s, threads=threads, runs=runs, warmup=warmup)
                    if torch_dir else None,
                    "onnx_parity_max_abs_diff": report.get("max_abs_diff")}
