@@ -88,6 +88,9 @@ class TrainOptions:
     subset: int | None = None  # train on the first N images only (quick runs, multi-fidelity search)
     teacher: str | None = None  # distil from this jaxyolo checkpoint folder (its EMA / inference weights)
     kd_features: bool = False  # with a teacher: feature imitation at P3-P5 through 1x1 adapters (hyp kd_feat)
+    # One initialisation seed per population member (repeated runs of one hyp set trained together:
+    # the members share the data order of `seed`; weights, adapters, augmentation and KST draws differ).
+    init_seeds: Sequence[int] | None = None
 
     def check(self):
         for name in ("img_size", "batch_size", "epochs", "max_boxes", "eval_every", "eval_batch_size"):
@@ -96,6 +99,11 @@ class TrainOptions:
                 raise ConfigError(f"{name}: expected a positive integer, got {v!r}")
         if self.img_size % 32:
             raise ConfigError(f"img_size: must be a multiple of 32 (the largest stride), got {self.img_size}")
+        if self.init_seeds is not None:
+            if not self.init_seeds or not all(isinstance(s, int) and s >= 0 for s in self.init_seeds):
+                raise ConfigError(f"init_seeds: expected a non-empty list of integers >= 0, got {self.init_seeds!r}")
+            if self.weights:
+                raise ConfigError("init_seeds: the members would all start from `weights`; give one or the other")
 
 
 @dataclasses.dataclass
@@ -129,6 +137,10 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     if teacher is not None and D.kd_weights_zero(hyp_list):
         log.warning("teacher %s: every kd_* weight of the hyp set(s) is 0, so distillation adds nothing "
                     "(set kd_obj, kd_cls, kd_box or kd_feat in the hyp file)", options.teacher)
+    if options.init_seeds is not None and len(options.init_seeds) != len(hyp_list):
+        if hyps is not None:
+            raise ConfigError(f"init_seeds: {len(options.init_seeds)} seeds for {len(hyp_list)} hyp sets")
+        hyp_list = hyp_list * len(options.init_seeds)  # one hyp set, repeated per seed
     pop = len(hyp_list)
     nb = len(train_ds) // options.batch_size
     if nb < 1:
@@ -143,12 +155,12 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     if teacher is None:
         step_fn = T.population_step(T.make_train_step(det, cfg, augment_fn=_augment), mesh)
         shared: tuple = ()
-        init = T.init_state(det)
+        init_one = lambda d, seed: T.init_state(d)
     else:
         step_fn = T.population_step(D.make_distill_step(det, teacher, cfg, augment_fn=_augment,
                                                         features=options.kd_features), mesh)
         shared = (jax.device_put(D.teacher_params(teacher), NamedSharding(mesh, P())),)
-        init = D.init_state(det, teacher, features=options.kd_features, seed=options.seed)
+        init_one = lambda d, seed: D.init_state(d, teacher, features=options.kd_features, seed=seed)
     use_mosaic = any(h["mosaic"] > 0 for h in hyp_list)
     hyp_arr = jax.device_put(H.stack(hyp_list), pop_sharding)
     graphdef = nnx.split(det.model, nnx.Param, nnx.BatchStat)[0]
@@ -157,7 +169,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     store = _StateStore(out / "state")
     meta = {"format": STATE_FORMAT, "options": _jsonable(dataclasses.asdict(options)), "hyps": hyp_list,
             "batches_per_epoch": nb, "population": pop}
-    state = T.replicate(init, pop)
+    state = initial_population(options, det, pop, init_one)
     history: list[dict] = []
     resumed_sums, elapsed0 = None, 0.0
     best = [-1.0] * pop
@@ -276,6 +288,17 @@ def _initial_detector(options: TrainOptions, nc: int):
         return det
     return jaxyolo.create_model(options.model, num_classes=nc, kst=options.kst, head=options.head, act=options.act,
                                 kst_draw=options.kst_draw, dtype=options.dtype, seed=options.seed)
+
+
+def initial_population(options: TrainOptions, det, pop: int, init_one=None) -> T.TrainState:
+    """The P members' starting TrainState: `det`'s weights for all, or with `init_seeds` member m
+    built from seed init_seeds[m]. `init_one(detector, seed)` makes one member's state."""
+    init_one = init_one or (lambda d, seed: T.init_state(d))
+    if options.init_seeds is None:
+        return T.replicate(init_one(det, options.seed), pop)
+    members = [init_one(_initial_detector(dataclasses.replace(options, seed=s), det.num_classes), s)
+               for s in options.init_seeds]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *members)
 
 
 def _teacher(options: TrainOptions, student):

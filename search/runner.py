@@ -56,6 +56,8 @@ class SearchOptions:
     space: str = "default"  # a bundled search space name or a YAML path
     hyp: str | None = None  # base hyp for keys outside the space (default: scratch-s)
     weights: str | None = None  # every trial starts from these weights (a fine-tuning search)
+    teacher: str | None = None  # every trial distils from this checkpoint (search the kd_* weights in the space)
+    kd_features: bool = False
     population: int = 16
     generations: int = 10
     trial_epochs: int = 3
@@ -118,7 +120,8 @@ def train_evaluator(options: SearchOptions, progress: Callable[[dict], None] | N
                              batch_size=options.batch_size, epochs=epochs or options.trial_epochs, out=str(folder),
                              seed=options.seed, head=options.head, kst=options.kst, workers=options.workers,
                              nominal_batch=options.nominal_batch, min_warmup_iters=options.min_warmup_iters,
-                             eval_every=1, subset=options.subset, mesh_pop=options.mesh_pop)
+                             eval_every=1, subset=options.subset, mesh_pop=options.mesh_pop,
+                             teacher=options.teacher, kd_features=options.kd_features)
         resume = folder.exists() and any(folder.iterdir())
         res = fit(topts, hyps=list(hyps), resume=resume, progress=progress)
         return [_member_result(res.history, m, len(hyps)) for m in range(len(hyps))]

@@ -116,13 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=cmd_demo)
 
-    from jaxyolo.tools import evaluate_cmd, export_cmd, predict_cmd, search_cmd, train_cmd
+    from jaxyolo.tools import evaluate_cmd, export_cmd, pipeline_cmd, predict_cmd, search_cmd, train_cmd
 
     train_cmd.add_parser(sub)
     evaluate_cmd.add_parser(sub)
     predict_cmd.add_parser(sub)
     export_cmd.add_parser(sub)
     search_cmd.add_parser(sub)
+    pipeline_cmd.add_parser(sub)
     return p
 
 

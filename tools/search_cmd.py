@@ -19,6 +19,8 @@ def add_parser(subparsers):
     p.add_argument("--space", default="default", help="bundled search space name or a YAML file")
     p.add_argument("--hyp", default=None, help="base hyp for keys outside the space (default scratch-s)")
     p.add_argument("--weights", help="start every trial from these weights (checkpoint folder, .pt or .npz)")
+    p.add_argument("--teacher", help="distil every trial from this checkpoint folder (put kd_* keys in the space)")
+    p.add_argument("--kd-features", action="store_true", help="with --teacher: feature imitation at P3-P5")
     p.add_argument("--population", type=int, default=16, help="hyp sets trained together per generation")
     p.add_argument("--generations", type=int, default=10)
     p.add_argument("--trial-epochs", type=int, default=3, help="epochs per trial")
@@ -47,6 +49,7 @@ def options_from_args(args):
     from jaxyolo.search.runner import SearchOptions
 
     return SearchOptions(model=args.model, data=args.data, space=args.space, hyp=args.hyp, weights=args.weights,
+                         teacher=args.teacher, kd_features=args.kd_features,
                          population=args.population,
                          generations=args.generations, trial_epochs=args.trial_epochs, subset=args.subset,
                          grid_dims=args.grid_dims, grid_step=args.grid_step, final_epochs=args.final_epochs,

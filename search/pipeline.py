@@ -1,0 +1,489 @@
+"""The paper's whole system in one resumable run: stages A-F, the KST analysis and deployment.
+
+Stages (each trained with `seeds` initialisations as one population, so a row is a mean ± std):
+
+==========  ==================================================================================
+``A``       the student (``student.model``, plain Detect head), the default hyps
+``B``       the teacher (``teacher.model``), the default hyps
+``jhs_l``   joint hyper-parameter search with the teacher on ``search_data``      -> JHS_l
+``C``       the teacher trained with JHS_l (the distillation teacher: its seed-0 run)
+``D``       A + KST: the student with the implicit head and K shift / K scale candidates
+``jhs_s``   joint hyper-parameter search with the KST student on ``search_data``  -> JHS_s
+``E``       D + JHS: the KST student trained with JHS_s
+``F``       E + SKD: E distilled from C, hyps JHS_s + the ``distill`` weights
+``F_l``     the same student distilled from C with JHS_l + the ``distill`` weights
+``kst``     every K x K candidate pair and the centroid of D, one vmapped evaluation
+``deploy``  F (seed 0) exported to a parity-gated ONNX file, params, GFLOPs and latency
+==========  ==================================================================================
+
+Every evaluation is the standalone protocol (conf 0.001, NMS IoU 0.65) of each seed's final EMA
+weights on the ``val`` split of ``data``; the searches train and score trials on ``search_data``
+only, so with a held-out ``val`` nothing the report shows was used to choose anything.
+
+Caching: stage S keeps everything in ``out/stages/S/``; its ``result.json`` is written
+(atomically) last, and a rerun skips every stage that has one. A killed stage resumes where it
+was: training through the trainer's exact resume, a search through the search's own. The
+resolved configuration is saved in ``out/pipeline.json``; a rerun with a different one is an
+error rather than a mix of two experiments. `report.md` is rewritten after every stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxyolo import hyp as H
+from jaxyolo.errors import ConfigError
+
+log = logging.getLogger("jaxyolo.pipeline")
+
+FORMAT = "jaxyolo-pipeline/1"
+STAGES = ("A", "B", "jhs_l", "C", "D", "jhs_s", "E", "F", "F_l", "kst", "deploy")
+DEPENDS = {"C": ("jhs_l",), "E": ("jhs_s",), "F": ("C", "jhs_s"), "F_l": ("C", "jhs_l"), "kst": ("D",),
+           "deploy": ("F",)}
+SEARCH_KEYS = ("space", "population", "generations", "trial_epochs", "subset", "grid_dims", "grid_step",
+               "img_size", "batch_size", "nominal_batch", "min_warmup_iters", "parent", "elite", "top_n", "mp",
+               "sigma")
+DISTILL_KEYS = ("kd_obj", "kd_cls", "kd_box", "kd_feat", "kd_T", "kd_conf", "features")
+
+
+@dataclasses.dataclass
+class ModelChoice:
+    model: str
+    kst: int = 3  # the implicit head's K (student stages D-F); ignored by a Detect head
+    head: str = "detect"  # the head of the stages that do not add KST (A for the student, B, C)
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    name: str
+    data: str  # trains every stage; its `val` split is the held-out evaluation of the report
+    student: ModelChoice
+    teacher: ModelChoice
+    img_size: int = 640
+    batch_size: int = 64
+    epochs: int = 300
+    teacher_epochs: int | None = None  # default: epochs
+    search_data: str | None = None  # default: data (then the report says the search saw val)
+    hyp: str = "scratch-s"  # the default hyps (A, B, D)
+    nominal_batch: int = 64
+    min_warmup_iters: int = 1000
+    subset: int | None = None  # train stages on the first N training images (quick checks)
+    seeds: int = 1
+    search: dict = dataclasses.field(default_factory=dict)  # SearchOptions fields
+    distill: dict = dataclasses.field(default_factory=lambda: {"kd_obj": 1.0, "kd_cls": 1.0, "kd_box": 0.05})
+    deploy: dict = dataclasses.field(default_factory=lambda: {"img": [416, 640], "runs": 50, "warmup": 10})
+    workers: int = 0
+
+    def check(self) -> None:
+        for k in ("img_size", "batch_size", "epochs", "seeds", "nominal_batch"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{k}: expected a positive integer, got {v!r}")
+        if self.teacher_epochs is not None and (not isinstance(self.teacher_epochs, int) or self.teacher_epochs < 1):
+            raise ConfigError(f"teacher_epochs: expected a positive integer, got {self.teacher_epochs!r}")
+        if self.img_size % 32:
+            raise ConfigError(f"img_size: must be a multiple of 32, got {self.img_size}")
+        for who in ("student", "teacher"):
+            m = getattr(self, who)
+            if m.head not in ("detect", "implicit"):
+                raise ConfigError(f"{who}.head: must be 'detect' or 'implicit', got {m.head!r}")
+            if not isinstance(m.kst, int) or m.kst < 1:
+                raise ConfigError(f"{who}.kst: expected a positive integer, got {m.kst!r}")
+        bad = sorted(set(self.search) - set(SEARCH_KEYS))
+        if bad:
+            raise ConfigError(f"search: unknown key(s) {', '.join(bad)}; known: {', '.join(SEARCH_KEYS)}")
+        bad = sorted(set(self.distill) - set(DISTILL_KEYS))
+        if bad:
+            raise ConfigError(f"distill: unknown key(s) {', '.join(bad)}; known: {', '.join(DISTILL_KEYS)}")
+        H.load_hyp({**H.load_hyp(self.hyp), **self.kd_weights()})  # names and ranges of the kd weights
+        bad = sorted(set(self.deploy) - {"img", "runs", "warmup", "threads"})
+        if bad:
+            raise ConfigError(f"deploy: unknown key(s) {', '.join(bad)}; known: img, runs, warmup, threads")
+        imgs = self.deploy.get("img", [])
+        if not imgs or any(not isinstance(s, int) or s % 32 for s in imgs):
+            raise ConfigError(f"deploy.img: expected a list of multiples of 32, got {imgs!r}")
+
+    def kd_weights(self) -> dict:
+        return {k: float(v) for k, v in self.distill.items() if k != "features"}
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def bundled() -> list[str]:
+    return sorted(p.stem for p in _bundled_dir().glob("*.yaml"))
+
+
+def _bundled_dir() -> Path:
+    from jaxyolo import configs
+
+    return Path(configs.__file__).parent / "pipeline"
+
+
+def load_config(source: str | Path, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
+    """A pipeline config from a bundled name (`demo`, `coco128`, `coco`) or a YAML path, with
+    `overrides` ({"epochs": 1, "student.model": "yolov4p", ...}) applied on top. Relative data
+    paths are resolved against the YAML file's folder."""
+    path = Path(source)
+    if not path.suffix and not path.exists():
+        path = _bundled_dir() / f"{source}.yaml"
+        if not path.exists():
+            raise ConfigError(f"config {source!r}: no such file and no bundled pipeline (bundled: "
+                              f"{', '.join(bundled())})")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"config {path}: cannot read it ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path}: expected a mapping at the top level")
+    raw.setdefault("name", path.stem)
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value, path)
+    fields = {f.name for f in dataclasses.fields(PipelineConfig)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ConfigError(f"config {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    for req in ("data", "student", "teacher"):
+        if req not in raw:
+            raise ConfigError(f"config {path}: missing required key {req!r}")
+    for who in ("student", "teacher"):
+        m = raw[who]
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, dict) or "model" not in m:
+            raise ConfigError(f"config {path}: {who}: expected a model name or {{model: NAME, kst: K, head: H}}")
+        bad = sorted(set(m) - {"model", "kst", "head"})
+        if bad:
+            raise ConfigError(f"config {path}: {who}: unknown key(s) {', '.join(bad)}")
+        raw[who] = ModelChoice(**m)
+    for key in ("data", "search_data"):
+        if isinstance(raw.get(key), str):
+            raw[key] = _resolve_data(raw[key], path.parent)
+    for key in ("search", "distill", "deploy"):
+        if raw.get(key) is None:
+            raw.pop(key, None)
+        elif not isinstance(raw[key], dict):
+            raise ConfigError(f"config {path}: {key}: expected a mapping")
+    if "deploy" in raw:
+        raw["deploy"] = {"img": [416, 640], "runs": 50, "warmup": 10, **raw["deploy"]}
+    cfg = PipelineConfig(**raw)
+    try:
+        cfg.check()
+    except ConfigError as e:
+        raise ConfigError(f"config {path}: {e}") from None
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with the value read as YAML (`epochs=2`, `student.model=yolov4p`, `deploy.img=[64]`)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({e})") from None
+
+
+def _set_dotted(raw: dict, key: str, value, path: Path) -> None:
+    parts = key.split(".")
+    node = raw
+    for p in parts[:-1]:
+        if isinstance(node.get(p), str):  # `student: yolov4s` written short
+            node[p] = {"model": node[p]}
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config {path}: override {key}: {p} is not a mapping")
+    node[parts[-1]] = value
+
+
+def _resolve_data(value: str, base: Path) -> str:
+    if value.startswith(("synthetic", "tfds:")) or Path(value).is_absolute():
+        return value
+    candidate = base / value
+    return str(candidate.resolve()) if candidate.exists() else value
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def plan(cfg: PipelineConfig, out: str | Path) -> dict[str, dict]:
+    """What each stage runs: TrainOptions / SearchOptions fields (as dicts), by stage name."""
+    from jaxyolo.search.runner import SearchOptions
+    from jaxyolo.trainer import TrainOptions
+    from jaxyolo.validate import DEFAULT_IOU_TEST
+
+    out = Path(out)
+    seeds = list(range(cfg.seeds))
+    student_plain = {"model": cfg.student.model, "head": cfg.student.head, "kst": cfg.student.kst}
+    student_kst = {"model": cfg.student.model, "head": "implicit", "kst": cfg.student.kst}
+    teacher = {"model": cfg.teacher.model, "head": cfg.teacher.head, "kst": cfg.teacher.kst}
+
+    def train(stage, model, hyp, *, epochs=None, teacher_ckpt=None):
+        t = TrainOptions(**model, data=cfg.data, hyp=hyp, img_size=cfg.img_size, batch_size=cfg.batch_size,
+                         epochs=epochs or cfg.epochs, out=str(out / "stages" / stage / "train"),
+                         nominal_batch=cfg.nominal_batch, min_warmup_iters=cfg.min_warmup_iters,
+                         eval_every=epochs or cfg.epochs, iou_thres=DEFAULT_IOU_TEST, subset=cfg.subset, init_seeds=seeds,
+                         teacher=teacher_ckpt, kd_features=bool(cfg.distill.get("features", False)) and bool(teacher_ckpt),
+                         workers=cfg.workers)
+        return {"kind": "train", "options": t}
+
+    def search(stage, model):
+        s = {"population": 8, "generations": 4, "trial_epochs": 3, "grid_dims": 2, "img_size": cfg.img_size,
+             "batch_size": cfg.batch_size, "nominal_batch": cfg.nominal_batch, **cfg.search}
+        o = SearchOptions(model=model["model"], head=model["head"], kst=model["kst"],
+                          data=cfg.search_data or cfg.data, hyp=cfg.hyp, out=str(out / "stages" / stage / "search"),
+                          workers=cfg.workers, seed=0, **s)
+        o.check()
+        return {"kind": "search", "options": o}
+
+    t_epochs = cfg.teacher_epochs or cfg.epochs
+    teacher_ckpt = str(weights_folder(out / "stages" / "C" / "train", 0, cfg.seeds))
+    return {
+        "A": train("A", student_plain, cfg.hyp),
+        "B": train("B", teacher, cfg.hyp, epochs=t_epochs),
+        "jhs_l": search("jhs_l", teacher),
+        "C": train("C", teacher, "JHS_l", epochs=t_epochs),
+        "D": train("D", student_kst, cfg.hyp),
+        "jhs_s": search("jhs_s", student_kst),
+        "E": train("E", student_kst, "JHS_s"),
+        "F": train("F", student_kst, "JHS_s+kd", teacher_ckpt=teacher_ckpt),
+        "F_l": train("F_l", student_kst, "JHS_l+kd", teacher_ckpt=teacher_ckpt),
+        "kst": {"kind": "kst", "source": "D"},
+        "deploy": {"kind": "deploy", "source": "F", **cfg.deploy},
+    }
+
+
+def weights_folder(train_out: Path, member: int, population: int) -> Path:
+    """Where `fit` leaves a member's final EMA weights."""
+    return train_out / "weights" / (f"member{member}" if population > 1 else "") / "last"
+
+
+def with_dependencies(stages: Sequence[str]) -> list[str]:
+    """`stages` and every stage they need, in pipeline order."""
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ConfigError(f"stages: unknown {', '.join(unknown)}; known: {', '.join(STAGES)}")
+    need = set()
+
+    def add(s):
+        if s not in need:
+            need.add(s)
+            for d in DEPENDS.get(s, ()):
+                add(d)
+
+    for s in stages:
+        add(s)
+    return [s for s in STAGES if s in need]
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    out: Path
+    results: dict[str, dict]  # stage -> its result.json
+    report: Path
+
+
+def run_pipeline(cfg: PipelineConfig, out: str | Path, *, stages: Sequence[str] | None = None,
+                 progress: Callable[[dict], None] | None = None) -> PipelineResult:
+    """Run (or continue) the pipeline in `out`; see the module docstring. `progress` receives
+    {"event": "stage", "stage", "status": "start" | "cached" | "done", "seconds"} and the
+    trainer's and the search's own events."""
+    out = Path(out)
+    emit = progress or (lambda info: None)
+    cfg.check()
+    _check_saved_config(cfg, out)
+    todo = with_dependencies(stages or STAGES)
+    steps = plan(cfg, out)
+    results: dict[str, dict] = {s: r for s in STAGES if (r := _read_result(out, s)) is not None}
+    t_all = time.time()
+    for stage in todo:
+        if stage in results:
+            emit({"event": "stage", "stage": stage, "status": "cached"})
+            continue
+        emit({"event": "stage", "stage": stage, "status": "start", "kind": steps[stage]["kind"]})
+        t0 = time.time()
+        result = _run_stage(stage, steps[stage], cfg, results, out, emit)
+        result["seconds"] = time.time() - t0
+        _atomic_write(out / "stages" / stage / "result.json", json.dumps(result, indent=1))
+        results[stage] = result
+        _write_report(cfg, out, results)
+        emit({"event": "stage", "stage": stage, "status": "done", "seconds": result["seconds"]})
+    report = _write_report(cfg, out, results)
+    emit({"event": "end", "out": str(out), "seconds": time.time() - t_all, "report": str(report)})
+    return PipelineResult(out=out, results=results, report=report)
+
+
+def _check_saved_config(cfg: PipelineConfig, out: Path) -> None:
+    saved_path = out / "pipeline.json"
+    now = {"format": FORMAT, "config": cfg.to_dict()}
+    if saved_path.exists():
+        saved = json.loads(saved_path.read_text())
+        if saved.get("format") != FORMAT:
+            raise ConfigError(f"{saved_path}: unknown pipeline format {saved.get('format')!r}")
+        diff = _diff(saved["config"], now["config"])
+        if diff:
+            raise ConfigError(f"out {out}: holds a pipeline run with a different configuration "
+                              f"({', '.join(diff)}); use another --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"out {out}: exists, is not empty and holds no pipeline run; use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(saved_path, json.dumps(now, indent=1))
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def _read_result(out: Path, stage: str) -> dict | None:
+    p = out / "stages" / stage / "result.json"
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        log.warning("%s: unreadable; stage %s runs again", p, stage)
+        return None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def _stage_hyp(name: str, cfg: PipelineConfig, results: dict) -> dict:
+    """A stage's hyp set: the default, or a search's best, with the distillation weights."""
+    base, kd = name.split("+") if "+" in name else (name, None)
+    hyp = {"JHS_l": lambda: results["jhs_l"]["best_hyp"], "JHS_s": lambda: results["jhs_s"]["best_hyp"]}.get(
+        base, lambda: H.load_hyp(cfg.hyp))()
+    return H.load_hyp({**hyp, **(cfg.kd_weights() if kd else {})})
+
+
+def _run_stage(stage: str, step: dict, cfg: PipelineConfig, results: dict, out: Path, emit) -> dict:
+    kind = step["kind"]
+    if kind == "train":
+        return _train_stage(step["options"], _stage_hyp(step["options"].hyp, cfg, results), emit)
+    if kind == "search":
+        return _search_stage(step["options"], emit)
+    if kind == "kst":
+        return _kst_stage(cfg, results, out)
+    if kind == "deploy":
+        return _deploy_stage(cfg, step, out)
+    raise AssertionError(kind)
+
+
+def _train_stage(options, hyp: dict, emit) -> dict:
+    from jaxyolo.search.runner import METRIC_KEYS
+    from jaxyolo.trainer import fit
+
+    options = dataclasses.replace(options, hyp=hyp)
+    folder = Path(options.out)
+    resume = folder.exists() and any(folder.iterdir())
+    res = fit(options, resume=resume, progress=emit)
+    pop = len(options.init_seeds)
+    last = {}
+    for row in res.history:  # the last evaluated row of each member
+        if row.get("metrics/AP") is not None:
+            last[row.get("member", 0) if pop > 1 else 0] = row
+    per_seed = []
+    for m, seed in enumerate(options.init_seeds):
+        row = last[m]
+        per_seed.append({"seed": seed, **{k: float(row[f"metrics/{k}"]) for k in METRIC_KEYS},
+                         "weights": str(weights_folder(folder, m, pop))})
+    return {"kind": "train", "model": options.model, "head": options.head, "kst": options.kst,
+            "teacher": options.teacher, "hyp": hyp, "epochs": options.epochs, "seeds": per_seed}
+
+
+def _search_stage(options, emit) -> dict:
+    from jaxyolo.search.runner import run_search, train_evaluator
+
+    folder = Path(options.out)
+    resume = folder.exists() and any(folder.iterdir())
+    res = run_search(options, resume=resume, evaluate=train_evaluator(options, progress=emit), progress=emit)
+    b = res.best
+    return {"kind": "search", "model": options.model, "trials": len(res.trials), "best_hyp": res.best_hyp,
+            "best": {k: b[k] for k in ("phase", "generation", "member", "fitness", "metrics")},
+            "start_fitness": res.trials[0]["fitness"], "folder": str(folder)}
+
+
+def _kst_stage(cfg: PipelineConfig, results: dict, out: Path) -> dict:
+    """Every (shift, scale) candidate pair of each D seed and the centroid (their mean), folded into
+    plain heads of one graph and evaluated together by one vmapped validation pass."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import jaxyolo
+    from jaxyolo.data.sources import open_dataset
+    from jaxyolo.search.runner import METRIC_KEYS
+    from jaxyolo.validate import DEFAULT_IOU_TEST, validate_population
+
+    val = open_dataset(cfg.data, "val")
+    variants, labels = [], []
+    for s in results["D"]["seeds"]:
+        det = jaxyolo.load(s["weights"])
+        k = det.kst
+        pairs = [None] + [(i, j) for i in range(k) for j in range(k)]
+        for pair in pairs:
+            variants.append(det.fold(kst_index=pair, bn=False))
+            labels.append({"seed": s["seed"], "shift": "centroid" if pair is None else pair[0],
+                           "scale": "centroid" if pair is None else pair[1]})
+    graphdef = nnx.split(variants[0].model, nnx.Param, nnx.BatchStat)[0]
+    splits = [nnx.split(v.model, nnx.Param, nnx.BatchStat) for v in variants]
+    stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)  # noqa: E731
+    params, stats = stack([s[1] for s in splits]), stack([s[2] for s in splits])
+    hyp = H.stack([H.load_hyp(cfg.hyp)] * len(variants))
+    res = validate_population(graphdef, variants[0].spec, params, stats, hyp, val, img_size=cfg.img_size,
+                              iou_thres=DEFAULT_IOU_TEST)
+    rows = [{**lab, **{k: float(r["coco"][k]) for k in METRIC_KEYS}} for lab, r in zip(labels, res)]
+    return {"kind": "kst", "source": "D", "k": k, "rows": rows}
+
+
+def _deploy_stage(cfg: PipelineConfig, step: dict, out: Path) -> dict:
+    import jaxyolo
+    from jaxyolo.export.latency import profile
+
+    src = _read_result(out, step["source"])
+    det = jaxyolo.load(src["seeds"][0]["weights"])
+    final = out / "final"
+    if (final / "student").exists():  # a deploy stage killed after saving
+        shutil.rmtree(final / "student")
+    final.mkdir(parents=True, exist_ok=True)
+    det.save(final / "student")
+    img = step["img"][0]
+    report = det.export_onnx(final / f"student-{img}.onnx", img)
+    prof = profile(det, step["img"], runs=step["runs"], warmup=step["warmup"], threads=step.get("threads"),
+                   with_torch=False)
+    return {"kind": "deploy", "source": step["source"], "onnx": f"final/student-{img}.onnx",
+            "onnx_max_abs_diff": report.get("max_abs_diff"), "checkpoint": "final/student",
+            "rows": prof["rows"], "machine": prof["machine"], "runs": prof["runs"], "threads": prof["threads"]}
+
+
+def _write_report(cfg: PipelineConfig, out: Path, results: dict) -> Path:
+    from jaxyolo.search import report
+
+    return report.write(cfg, out, results)

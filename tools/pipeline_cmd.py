@@ -1,0 +1,91 @@
+"""`jaxyolo pipeline`: the paper's whole system (stages A-F, KST analysis, deployment) and its report.
+
+    jaxyolo pipeline --config demo|coco128|coco|FILE.yaml [--seeds 3] [--set KEY=VALUE ...] \
+        [--stages A,D] [--dry-run] --out runs/pipeline/NAME
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from jaxyolo.tools.search_cmd import SearchProgress
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("pipeline", help="the whole system: baseline, teacher, JHS, KST, SKD, report, export")
+    p.add_argument("--config", default="demo", help="bundled pipeline (demo, coco128, coco) or a YAML file")
+    p.add_argument("--seeds", type=int, help="initialisation seeds per row (overrides the config's `seeds`)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set epochs=5 --set student.model=yolov4n")
+    p.add_argument("--stages", help="comma-separated stages to run (their dependencies run too); default all")
+    p.add_argument("--dry-run", action="store_true", help="print what every stage would run, then stop")
+    p.add_argument("--out", help="run folder (default runs/pipeline/<config name>); rerun to resume")
+    p.set_defaults(func=run)
+    return p
+
+
+class PipelineProgress:
+    """A header per stage and the trainer's / search's own progress lines inside it."""
+
+    def __init__(self, echo=print):
+        self.echo = echo
+        self.inner = SearchProgress(0, echo=echo)
+
+    def __call__(self, info: dict) -> None:
+        ev = info.get("event")
+        if ev == "stage":
+            st = info["status"]
+            if st == "start":
+                self.echo(f"\n=== stage {info['stage']} ({info['kind']})")
+                self.inner = SearchProgress(0, echo=self.echo)
+            elif st == "cached":
+                self.echo(f"=== stage {info['stage']}: done in an earlier run (cached)")
+            else:
+                self.echo(f"=== stage {info['stage']} finished in {info['seconds'] / 60:.1f} min")
+        elif ev == "end" and "report" in info:
+            self.echo(f"\npipeline finished in {info['seconds'] / 60:.1f} min: {info['report']}")
+        elif ev == "end" and "best" in info:
+            self.echo(f"search finished: best fitness {info['best']:.4f}")
+        elif ev == "population":
+            self.echo(f"--- {info['phase']} {info['generation']}: {info['size']} member(s)")
+        elif ev == "done" and "phase" in info:
+            fit = " ".join(f"{f:.4f}" for f in info["fitness"])
+            self.echo(f"    fitness per member: {fit}; best so far {info['best']:.4f}; {info['seconds'] / 60:.1f} min")
+        else:
+            self.inner.train(info)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from jaxyolo.search import pipeline as PL
+
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    overrides = dict(PL.parse_override(o) for o in args.overrides)
+    if args.seeds is not None:
+        overrides["seeds"] = args.seeds
+    cfg = PL.load_config(args.config, overrides)
+    out = Path(args.out or f"runs/pipeline/{cfg.name}")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    todo = PL.with_dependencies(stages or PL.STAGES)
+    if args.dry_run:
+        steps = PL.plan(cfg, out)
+        for s in todo:
+            step = steps[s]
+            o = step.get("options")
+            if o is None:
+                print(f"{s:7s} {step['kind']}: " + ", ".join(f"{k}={v}" for k, v in step.items() if k != "kind"))
+                continue
+            keys = ("model", "head", "kst", "data", "hyp", "img_size", "batch_size", "epochs", "teacher", "population",
+                    "generations", "trial_epochs", "subset", "init_seeds")
+            print(f"{s:7s} {step['kind']}: " + ", ".join(f"{k}={getattr(o, k)}" for k in keys if hasattr(o, k)))
+        return 0
+    t0 = time.perf_counter()
+    print(f"pipeline {cfg.name}: student {cfg.student.model}, teacher {cfg.teacher.model}, {cfg.seeds} seed(s), "
+          f"stages {', '.join(todo)} -> {out}")
+    res = PL.run_pipeline(cfg, out, stages=stages, progress=PipelineProgress())
+    print()
+    print(res.report.read_text())
+    print(f"total {time.perf_counter() - t0:.0f} s; report: {res.report}")
+    return 0
