@@ -162,10 +162,11 @@ class FlatLayout:
         return jnp.concatenate([jnp.ravel(leaves[i]).astype(jnp.float32) for i in self.order])
 
     def unflat(self, vector):
+        xp = np if isinstance(vector, np.ndarray) else jnp  # a host vector stays on the host: no per-leaf dispatch
         out = []
         for i, (shape, dtype) in enumerate(zip(self.shapes, self.dtypes)):
             off, n = self.offsets[i]
-            out.append(jnp.reshape(vector[..., off:off + n], vector.shape[:-1] + shape).astype(dtype))
+            out.append(xp.reshape(vector[..., off:off + n], vector.shape[:-1] + shape).astype(dtype))
         return jax.tree.unflatten(self.treedef, out)
 
 
@@ -448,8 +449,8 @@ def ema_detector(detector, state: TrainState, *, ema: bool = True):
 
     graphdef, _, like_s = _split(detector.model)
     if ema:
-        params = param_layout(detector).unflat(jnp.asarray(state.ema_params))
-        stats = FlatLayout(like_s).unflat(jnp.asarray(state.ema_stats))
+        params = jax.tree.map(jnp.asarray, param_layout(detector).unflat(np.asarray(state.ema_params)))
+        stats = jax.tree.map(jnp.asarray, FlatLayout(like_s).unflat(np.asarray(state.ema_stats)))
     else:
         params = jax.tree.map(jnp.asarray, state.params)
         stats = jax.tree.map(jnp.asarray, state.stats)

@@ -91,6 +91,8 @@ class TrainOptions:
     # One initialisation seed per population member (repeated runs of one hyp set trained together:
     # the members share the data order of `seed`; weights, adapters, augmentation and KST draws differ).
     init_seeds: Sequence[int] | None = None
+    plots: bool = True  # results.png, PR_curve.png, val_predictions.jpg (off for search trials and pipeline units)
+    save_weights: bool = True  # weights/{last,best} per member (search trials keep only their metrics)
 
     def check(self):
         for name in ("img_size", "batch_size", "epochs", "max_boxes", "eval_every", "eval_batch_size"):
@@ -238,7 +240,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
             row = _row(epoch, step, time.time() - t_start, sums, count, m, results[m], pop,
                        float(np.asarray(pending["lr"])[m]))
             rows.append(row)
-            if results[m] is not None:
+            if results[m] is not None and options.save_weights:
                 member_det = T.ema_detector(det, T.member(jax.device_get(state), m))
                 folder = out / "weights" / (f"member{m}" if pop > 1 else "")
                 _save_detector(member_det, folder / "last")
@@ -247,7 +249,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
                     _save_detector(member_det, folder / "best")
         history.extend(rows)
         _write_csv(out / "results.csv", history)
-        if results[0] is not None:
+        if results[0] is not None and options.plots:
             _eval_plots(out, results[0], val_ds)
         for row in rows:
             tb.scalars({k: v for k, v in row.items() if isinstance(v, float) and np.isfinite(v)},
@@ -260,7 +262,8 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     dets = []
     for m in range(pop):
         dets.append(T.ema_detector(det, T.member(final, m)))
-    _plots(out)
+    if options.plots:
+        _plots(out)
     emit({"event": "end", "out": str(out), "best_fitness": best})
     return RunResult(out=out, history=history, best_fitness=best, detectors=dets)
 
@@ -296,8 +299,11 @@ def initial_population(options: TrainOptions, det, pop: int, init_one=None) -> T
     init_one = init_one or (lambda d, seed: T.init_state(d))
     if options.init_seeds is None:
         return T.replicate(init_one(det, options.seed), pop)
-    members = [init_one(_initial_detector(dataclasses.replace(options, seed=s), det.num_classes), s)
-               for s in options.init_seeds]
+    made = {options.seed: det}  # one detector per distinct seed
+    for s in options.init_seeds:
+        if s not in made:
+            made[s] = _initial_detector(dataclasses.replace(options, seed=s), det.num_classes)
+    members = [init_one(made[s], s) for s in options.init_seeds]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *members)
 
 
@@ -438,7 +444,8 @@ def _check_resumable(saved: dict, meta: dict) -> None:
         raise ConfigError("resume: the hyper-parameters differ from the saved run's (see its hyp.yaml)")
     defaults = _jsonable({f.name: f.default for f in dataclasses.fields(TrainOptions)})
     a, b = {**defaults, **saved["options"]}, meta["options"]
-    diff = [k for k in b if k not in ("out", "workers", "eval_every", "eval_batch_size") and a.get(k) != b.get(k)]
+    diff = [k for k in b if k not in ("out", "workers", "eval_every", "eval_batch_size",
+                                  "plots", "save_weights") and a.get(k) != b.get(k)]
     if diff:
         raise ConfigError(f"resume: options differ from the saved run: {', '.join(diff)}")
 

@@ -48,8 +48,11 @@ log = logging.getLogger("jaxyolo.pipeline")
 
 FORMAT = "jaxyolo-pipeline/1"
 STAGES = ("A", "B", "jhs_l", "C", "D", "jhs_s", "E", "F", "F_l", "kst", "deploy")
-DEPENDS = {"C": ("jhs_l",), "E": ("jhs_s",), "F": ("C", "jhs_s"), "F_l": ("C", "jhs_l"), "kst": ("D",),
-           "deploy": ("F",)}
+# Execution units, in order: rows that share a model train together as one population (their hyp
+# sets side by side, each with every seed), so a unit compiles one step for two rows.
+UNITS = {"A": ("A",), "jhs_l": ("jhs_l",), "BC": ("B", "C"), "jhs_s": ("jhs_s",), "DE": ("D", "E"),
+         "F": ("F", "F_l"), "kst": ("kst",), "deploy": ("deploy",)}
+DEPENDS = {"BC": ("jhs_l",), "DE": ("jhs_s",), "F": ("BC", "jhs_s", "jhs_l"), "kst": ("DE",), "deploy": ("F",)}
 SEARCH_KEYS = ("space", "population", "generations", "trial_epochs", "subset", "grid_dims", "grid_step",
                "img_size", "batch_size", "nominal_batch", "min_warmup_iters", "parent", "elite", "top_n", "mp",
                "sigma")
@@ -218,7 +221,8 @@ def _resolve_data(value: str, base: Path) -> str:
 
 
 def plan(cfg: PipelineConfig, out: str | Path) -> dict[str, dict]:
-    """What each stage runs: TrainOptions / SearchOptions fields (as dicts), by stage name."""
+    """What each unit runs, by unit name (see `UNITS`): train units carry TrainOptions (their `hyp`
+    names the row hyp sets, resolved when the unit starts), search units SearchOptions."""
     from jaxyolo.search.runner import SearchOptions
     from jaxyolo.trainer import TrainOptions
     from jaxyolo.validate import DEFAULT_IOU_TEST
@@ -229,38 +233,37 @@ def plan(cfg: PipelineConfig, out: str | Path) -> dict[str, dict]:
     student_kst = {"model": cfg.student.model, "head": "implicit", "kst": cfg.student.kst}
     teacher = {"model": cfg.teacher.model, "head": cfg.teacher.head, "kst": cfg.teacher.kst}
 
-    def train(stage, model, hyp, *, epochs=None, teacher_ckpt=None):
-        t = TrainOptions(**model, data=cfg.data, hyp=hyp, img_size=cfg.img_size, batch_size=cfg.batch_size,
-                         epochs=epochs or cfg.epochs, out=str(out / "stages" / stage / "train"),
-                         nominal_batch=cfg.nominal_batch, min_warmup_iters=cfg.min_warmup_iters,
-                         eval_every=epochs or cfg.epochs, iou_thres=DEFAULT_IOU_TEST, subset=cfg.subset, init_seeds=seeds,
-                         teacher=teacher_ckpt, kd_features=bool(cfg.distill.get("features", False)) and bool(teacher_ckpt),
-                         workers=cfg.workers)
-        return {"kind": "train", "options": t}
+    def train(unit, model, rows, *, epochs=None, teacher_ckpt=None):
+        epochs = epochs or cfg.epochs
+        t = TrainOptions(**model, data=cfg.data, hyp=None, img_size=cfg.img_size, batch_size=cfg.batch_size,
+                         epochs=epochs, out=str(out / "stages" / unit / "train"), nominal_batch=cfg.nominal_batch,
+                         min_warmup_iters=cfg.min_warmup_iters, eval_every=epochs, iou_thres=DEFAULT_IOU_TEST,
+                         subset=cfg.subset, init_seeds=seeds * len(rows), teacher=teacher_ckpt,
+                         kd_features=bool(cfg.distill.get("features", False)) and bool(teacher_ckpt),
+                         workers=cfg.workers, plots=False)
+        return {"kind": "train", "rows": rows, "options": t}
 
-    def search(stage, model):
+    def search(unit, model):
         s = {"population": 8, "generations": 4, "trial_epochs": 3, "grid_dims": 2, "img_size": cfg.img_size,
              "batch_size": cfg.batch_size, "nominal_batch": cfg.nominal_batch, **cfg.search}
         o = SearchOptions(model=model["model"], head=model["head"], kst=model["kst"],
-                          data=cfg.search_data or cfg.data, hyp=cfg.hyp, out=str(out / "stages" / stage / "search"),
+                          data=cfg.search_data or cfg.data, hyp=cfg.hyp, out=str(out / "stages" / unit / "search"),
                           workers=cfg.workers, seed=0, **s)
         o.check()
-        return {"kind": "search", "options": o}
+        return {"kind": "search", "rows": {unit: unit}, "options": o}
 
     t_epochs = cfg.teacher_epochs or cfg.epochs
-    teacher_ckpt = str(weights_folder(out / "stages" / "C" / "train", 0, cfg.seeds))
+    # the distillation teacher: C's seed-0 member (members are row-major: B's seeds, then C's)
+    teacher_ckpt = str(weights_folder(out / "stages" / "BC" / "train", cfg.seeds, 2 * cfg.seeds))
     return {
-        "A": train("A", student_plain, cfg.hyp),
-        "B": train("B", teacher, cfg.hyp, epochs=t_epochs),
+        "A": train("A", student_plain, {"A": "default"}),
         "jhs_l": search("jhs_l", teacher),
-        "C": train("C", teacher, "JHS_l", epochs=t_epochs),
-        "D": train("D", student_kst, cfg.hyp),
+        "BC": train("BC", teacher, {"B": "default", "C": "JHS_l"}, epochs=t_epochs),
         "jhs_s": search("jhs_s", student_kst),
-        "E": train("E", student_kst, "JHS_s"),
-        "F": train("F", student_kst, "JHS_s+kd", teacher_ckpt=teacher_ckpt),
-        "F_l": train("F_l", student_kst, "JHS_l+kd", teacher_ckpt=teacher_ckpt),
-        "kst": {"kind": "kst", "source": "D"},
-        "deploy": {"kind": "deploy", "source": "F", **cfg.deploy},
+        "DE": train("DE", student_kst, {"D": "default", "E": "JHS_s"}),
+        "F": train("F", student_kst, {"F": "JHS_s+kd", "F_l": "JHS_l+kd"}, teacher_ckpt=teacher_ckpt),
+        "kst": {"kind": "kst", "rows": {"kst": "D"}},
+        "deploy": {"kind": "deploy", "rows": {"deploy": "F"}, **cfg.deploy},
     }
 
 
@@ -269,56 +272,60 @@ def weights_folder(train_out: Path, member: int, population: int) -> Path:
     return train_out / "weights" / (f"member{member}" if population > 1 else "") / "last"
 
 
-def with_dependencies(stages: Sequence[str]) -> list[str]:
-    """`stages` and every stage they need, in pipeline order."""
-    unknown = sorted(set(stages) - set(STAGES))
+def units_for(stages: Sequence[str]) -> list[str]:
+    """The units that produce `stages` (row or unit names) and every unit they need, in order."""
+    unknown = sorted(set(stages) - set(STAGES) - set(UNITS))
     if unknown:
         raise ConfigError(f"stages: unknown {', '.join(unknown)}; known: {', '.join(STAGES)}")
-    need = set()
+    need: set[str] = set()
 
-    def add(s):
-        if s not in need:
-            need.add(s)
-            for d in DEPENDS.get(s, ()):
+    def add(u):
+        if u not in need:
+            need.add(u)
+            for d in DEPENDS.get(u, ()):
                 add(d)
 
     for s in stages:
-        add(s)
-    return [s for s in STAGES if s in need]
+        add(s if s in UNITS else next(u for u, rows in UNITS.items() if s in rows))
+    return [u for u in UNITS if u in need]
 
 
 @dataclasses.dataclass
 class PipelineResult:
     out: Path
-    results: dict[str, dict]  # stage -> its result.json
+    results: dict[str, dict]  # row or stage -> its result
     report: Path
 
 
 def run_pipeline(cfg: PipelineConfig, out: str | Path, *, stages: Sequence[str] | None = None,
                  progress: Callable[[dict], None] | None = None) -> PipelineResult:
     """Run (or continue) the pipeline in `out`; see the module docstring. `progress` receives
-    {"event": "stage", "stage", "status": "start" | "cached" | "done", "seconds"} and the
-    trainer's and the search's own events."""
+    {"event": "stage", "stage": unit, "rows", "status": "start" | "cached" | "done", "seconds"} and
+    the trainer's and the search's own events."""
     out = Path(out)
     emit = progress or (lambda info: None)
     cfg.check()
     _check_saved_config(cfg, out)
-    todo = with_dependencies(stages or STAGES)
+    todo = units_for(stages or STAGES)
     steps = plan(cfg, out)
-    results: dict[str, dict] = {s: r for s in STAGES if (r := _read_result(out, s)) is not None}
+    results: dict[str, dict] = {}
+    for unit in UNITS:
+        results.update(_read_result(out, unit) or {})
     t_all = time.time()
-    for stage in todo:
-        if stage in results:
-            emit({"event": "stage", "stage": stage, "status": "cached"})
+    for unit in todo:
+        rows = UNITS[unit]
+        if all(r in results for r in rows):
+            emit({"event": "stage", "stage": unit, "rows": list(rows), "status": "cached"})
             continue
-        emit({"event": "stage", "stage": stage, "status": "start", "kind": steps[stage]["kind"]})
+        emit({"event": "stage", "stage": unit, "rows": list(rows), "status": "start", "kind": steps[unit]["kind"]})
         t0 = time.time()
-        result = _run_stage(stage, steps[stage], cfg, results, out, emit)
-        result["seconds"] = time.time() - t0
-        _atomic_write(out / "stages" / stage / "result.json", json.dumps(result, indent=1))
-        results[stage] = result
+        produced = _run_unit(steps[unit], cfg, results, out, emit)
+        for r in produced.values():
+            r["seconds"] = time.time() - t0
+        _atomic_write(out / "stages" / unit / "result.json", json.dumps(produced, indent=1))
+        results.update(produced)
         _write_report(cfg, out, results)
-        emit({"event": "stage", "stage": stage, "status": "done", "seconds": result["seconds"]})
+        emit({"event": "stage", "stage": unit, "rows": list(rows), "status": "done", "seconds": time.time() - t0})
     report = _write_report(cfg, out, results)
     emit({"event": "end", "out": str(out), "seconds": time.time() - t_all, "report": str(report)})
     return PipelineResult(out=out, results=results, report=report)
@@ -354,14 +361,14 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _read_result(out: Path, stage: str) -> dict | None:
-    p = out / "stages" / stage / "result.json"
+def _read_result(out: Path, unit: str) -> dict | None:
+    p = out / "stages" / unit / "result.json"
     if not p.exists():
         return None
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError:
-        log.warning("%s: unreadable; stage %s runs again", p, stage)
+        log.warning("%s: unreadable; unit %s runs again", p, unit)
         return None
 
 
@@ -372,50 +379,57 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-# ------------------------------------------------------------------------------------------------ stages
+# ------------------------------------------------------------------------------------------------ units
 
 
-def _stage_hyp(name: str, cfg: PipelineConfig, results: dict) -> dict:
-    """A stage's hyp set: the default, or a search's best, with the distillation weights."""
+def row_hyp(name: str, cfg: PipelineConfig, results: dict) -> dict:
+    """A row's hyp set by name: "default" (the config's `hyp`), "JHS_s" / "JHS_l" (a search's best),
+    with "+kd" the config's distillation weights on top."""
     base, kd = name.split("+") if "+" in name else (name, None)
-    hyp = {"JHS_l": lambda: results["jhs_l"]["best_hyp"], "JHS_s": lambda: results["jhs_s"]["best_hyp"]}.get(
-        base, lambda: H.load_hyp(cfg.hyp))()
+    hyp = results[f"jhs_{base[-1]}"]["best_hyp"] if base.startswith("JHS_") else H.load_hyp(cfg.hyp)
     return H.load_hyp({**hyp, **(cfg.kd_weights() if kd else {})})
 
 
-def _run_stage(stage: str, step: dict, cfg: PipelineConfig, results: dict, out: Path, emit) -> dict:
+def _run_unit(step: dict, cfg: PipelineConfig, results: dict, out: Path, emit) -> dict[str, dict]:
     kind = step["kind"]
     if kind == "train":
-        return _train_stage(step["options"], _stage_hyp(step["options"].hyp, cfg, results), emit)
+        return _train_unit(step["options"], {r: row_hyp(h, cfg, results) for r, h in step["rows"].items()},
+                           step["rows"], emit)
     if kind == "search":
-        return _search_stage(step["options"], emit)
+        return {next(iter(step["rows"])): _search_stage(step["options"], emit)}
     if kind == "kst":
-        return _kst_stage(cfg, results, out)
+        return {"kst": _kst_stage(cfg, results)}
     if kind == "deploy":
-        return _deploy_stage(cfg, step, out)
+        return {"deploy": _deploy_stage(step, results, out)}
     raise AssertionError(kind)
 
 
-def _train_stage(options, hyp: dict, emit) -> dict:
+def _train_unit(options, hyps: dict[str, dict], names: dict[str, str], emit) -> dict[str, dict]:
+    """One population: every row's hyp set once per seed (row-major), trained by one `fit`."""
     from jaxyolo.search.runner import METRIC_KEYS
     from jaxyolo.trainer import fit
 
-    options = dataclasses.replace(options, hyp=hyp)
+    seeds = options.init_seeds[: len(options.init_seeds) // len(hyps)]
+    population = [h for h in hyps.values() for _ in seeds]
     folder = Path(options.out)
     resume = folder.exists() and any(folder.iterdir())
-    res = fit(options, resume=resume, progress=emit)
-    pop = len(options.init_seeds)
+    res = fit(options, hyps=population, resume=resume, progress=emit)
+    pop = len(population)
     last = {}
     for row in res.history:  # the last evaluated row of each member
         if row.get("metrics/AP") is not None:
             last[row.get("member", 0) if pop > 1 else 0] = row
-    per_seed = []
-    for m, seed in enumerate(options.init_seeds):
-        row = last[m]
-        per_seed.append({"seed": seed, **{k: float(row[f"metrics/{k}"]) for k in METRIC_KEYS},
-                         "weights": str(weights_folder(folder, m, pop))})
-    return {"kind": "train", "model": options.model, "head": options.head, "kst": options.kst,
-            "teacher": options.teacher, "hyp": hyp, "epochs": options.epochs, "seeds": per_seed}
+    out = {}
+    for r, (row_name, hyp) in enumerate(hyps.items()):
+        per_seed = []
+        for i, seed in enumerate(seeds):
+            m = r * len(seeds) + i
+            per_seed.append({"seed": seed, "member": m, **{k: float(last[m][f"metrics/{k}"]) for k in METRIC_KEYS},
+                             "weights": str(weights_folder(folder, m, pop))})
+        out[row_name] = {"kind": "train", "model": options.model, "head": options.head, "kst": options.kst,
+                         "teacher": options.teacher, "hyp_name": names[row_name], "hyp": hyp,
+                         "epochs": options.epochs, "seeds": per_seed}
+    return out
 
 
 def _search_stage(options, emit) -> dict:
@@ -430,7 +444,7 @@ def _search_stage(options, emit) -> dict:
             "start_fitness": res.trials[0]["fitness"], "folder": str(folder)}
 
 
-def _kst_stage(cfg: PipelineConfig, results: dict, out: Path) -> dict:
+def _kst_stage(cfg: PipelineConfig, results: dict) -> dict:
     """Every (shift, scale) candidate pair of each D seed and the centroid (their mean), folded into
     plain heads of one graph and evaluated together by one vmapped validation pass."""
     import jax
@@ -463,23 +477,21 @@ def _kst_stage(cfg: PipelineConfig, results: dict, out: Path) -> dict:
     return {"kind": "kst", "source": "D", "k": k, "rows": rows}
 
 
-def _deploy_stage(cfg: PipelineConfig, step: dict, out: Path) -> dict:
+def _deploy_stage(step: dict, results: dict, out: Path) -> dict:
     import jaxyolo
     from jaxyolo.export.latency import profile
 
-    src = _read_result(out, step["source"])
-    det = jaxyolo.load(src["seeds"][0]["weights"])
+    source = step["rows"]["deploy"]
+    det = jaxyolo.load(results[source]["seeds"][0]["weights"])
     final = out / "final"
     if (final / "student").exists():  # a deploy stage killed after saving
         shutil.rmtree(final / "student")
     final.mkdir(parents=True, exist_ok=True)
     det.save(final / "student")
-    img = step["img"][0]
-    report = det.export_onnx(final / f"student-{img}.onnx", img)
     prof = profile(det, step["img"], runs=step["runs"], warmup=step["warmup"], threads=step.get("threads"),
-                   with_torch=False)
-    return {"kind": "deploy", "source": step["source"], "onnx": f"final/student-{img}.onnx",
-            "onnx_max_abs_diff": report.get("max_abs_diff"), "checkpoint": "final/student",
+                   with_torch=False, with_jax=False, keep_onnx=final)  # the timed files are the parity-gated exports
+    return {"kind": "deploy", "source": source, "onnx": [f"final/model-{s}.onnx" for s in step["img"]],
+            "onnx_max_abs_diff": [r["onnx_parity_max_abs_diff"] for r in prof["rows"]], "checkpoint": "final/student",
             "rows": prof["rows"], "machine": prof["machine"], "runs": prof["runs"], "threads": prof["threads"]}
 
 

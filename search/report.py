@@ -46,7 +46,7 @@ def paired_test(a: list[float], b: list[float]) -> dict:
     d = np.asarray([y - x for x, y in pairs], np.float64)
     out = {"n": int(len(d)), "mean_diff": float(d.mean()) if len(d) else None,
            "std_diff": float(d.std(ddof=1)) if len(d) > 1 else None, "t": None, "p": None}
-    if len(d) > 1 and d.std(ddof=1) > 0:
+    if len(d) > 1 and d.std(ddof=1) > 1e-9:  # equal differences (to rounding): t is undefined
         from scipy import stats
 
         r = stats.ttest_rel([y for _, y in pairs], [x for x, _ in pairs])
@@ -154,15 +154,15 @@ def write(cfg, out: Path, results: dict) -> Path:
         lines += [f"## {title}", "", _table(tabs[key]["header"], tabs[key]["rows"]), ""]
     dep = results.get("deploy")
     if dep:
-        lines += [f"ONNX model: `{dep['onnx']}` (parity-gated against the JAX model); checkpoint: `{dep['checkpoint']}`. "
+        lines += [f"ONNX model(s): {', '.join(f'`{p}`' for p in dep['onnx'])} (parity-gated against the JAX model); checkpoint: `{dep['checkpoint']}`. "
                   f"Machine: {dep['machine'].get('processor')}, {dep['machine'].get('cpu_count')} CPUs, "
                   f"onnxruntime {dep['machine'].get('onnxruntime')}; median of {dep['runs']} runs, batch 1.", ""]
     for stage, who in (("jhs_l", "JHS_l (teacher)"), ("jhs_s", "JHS_s (student)")):
         res = results.get(stage)
         if res:
             lines += [f"## {who}", "",
-                      f"{res['trials']} trials; fitness of the start point {res['start_fitness']:.5f}, of the best "
-                      f"{res['best']['fitness']:.5f} ({res['best']['phase']} {res['best']['generation']}, "
+                      f"{res['trials']} trials; fitness of the start point {res['start_fitness']:.3g}, of the best "
+                      f"{res['best']['fitness']:.3g} ({res['best']['phase']} {res['best']['generation']}, "
                       f"member {res['best']['member']}). Log and plots: `stages/{stage}/search/`.", ""]
     if _plot(out, results):
         lines += ["## AP per stage", "", "![AP per stage and seed](report_ap.png)", ""]

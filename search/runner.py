@@ -15,6 +15,8 @@ Phases, in order, all recorded in `results.json` / `results.csv` after each fini
    `trend.trend_grid` over the `grid_dims` strongest hyper-parameters around the best trial), plus
    the best trial with the per-level balance weights and the box/obj/cls gains derived from its
    validation loss curves (`trend.loss_weight_grid`) and every grid point with those weights.
+   When no point is new (flat trends and unchanged weights, e.g. every trial at fitness 0), the
+   phase trains nothing.
 3. ``final`` (optional, `final_epochs` > 0): the winner retrained for `final_epochs` epochs.
 
 Resume: the log is rewritten atomically (temporary file + rename) after every population, every
@@ -121,7 +123,8 @@ def train_evaluator(options: SearchOptions, progress: Callable[[dict], None] | N
                              seed=options.seed, head=options.head, kst=options.kst, workers=options.workers,
                              nominal_batch=options.nominal_batch, min_warmup_iters=options.min_warmup_iters,
                              eval_every=1, subset=options.subset, mesh_pop=options.mesh_pop,
-                             teacher=options.teacher, kd_features=options.kd_features)
+                             teacher=options.teacher, kd_features=options.kd_features, plots=False,
+                             save_weights=False)
         resume = folder.exists() and any(folder.iterdir())
         res = fit(topts, hyps=list(hyps), resume=resume, progress=progress)
         return [_member_result(res.history, m, len(hyps)) for m in range(len(hyps))]
@@ -261,7 +264,10 @@ def run_search(options: SearchOptions, *, resume: bool = False, evaluate: Evalua
     if options.grid_dims > 0 and not done("grid", 0):
         grid, info = grid_population(trials, space, base, options)
         _atomic_write(out / "grid.json", json.dumps(info, indent=1, default=_jsonable))
-        population("grid", 0, grid)
+        if len(grid):
+            population("grid", 0, grid)
+        else:  # flat trends and no loss-curve weights: nothing new to try, so nothing is trained
+            log.info("grid: no point differs from the trials already run (flat trends); the grid is skipped")
 
     best = max(trials, key=lambda t: t["fitness"])
     best_hyp = H.load_hyp(best["hyp"])
@@ -310,9 +316,7 @@ def grid_population(trials: list[dict], space: SearchSpace, base: dict, options:
     info = {"best_trial": {k: best[k] for k in ("phase", "generation", "member", "fitness")},
             "trends": trends, "grid": grid_info, "loss_weights": {"derived": derived, "rule": why},
             "points": [dict(zip(space.names, map(float, p))) for p in all_points]}
-    if not all_points:  # nothing new to try: re-train nothing, record the best again
-        all_points = [vecs[best_i]]
-    return np.stack(all_points), info
+    return np.asarray(all_points, np.float64).reshape(-1, len(space.names)), info
 
 
 def _history(trials: list[dict], space: SearchSpace) -> tuple[np.ndarray, np.ndarray]:

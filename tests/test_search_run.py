@@ -146,3 +146,41 @@ def test_time_estimate_counts_every_population(data_env):
     est = estimate_seconds(opts)
     assert est["populations"] == 4 and est["iterations_per_epoch"] == 2
     assert est["forward_s"] > 0 and est["seconds"] >= 4 * est["per_population"] > 0
+
+
+def test_trials_distil_from_a_teacher_and_keep_no_weights(monkeypatch, tmp_path):
+    """`teacher` reaches every trial's training (so kd_* keys in a space are searched), and trials
+    skip the per-member weights and figures nobody reads."""
+    import jaxyolo.trainer as trainer
+    from jaxyolo.search.runner import train_evaluator
+
+    seen = []
+
+    def fake_fit(options, hyps=None, resume=False, progress=None):
+        seen.append(options)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(trainer, "fit", fake_fit)
+    ev = train_evaluator(S.options(tmp_path / "s", teacher="runs/t/weights/last", kd_features=True))
+    with pytest.raises(RuntimeError, match="stop"):
+        ev([H.load_hyp({"kd_obj": 0.5})], "evolve000")
+    (o,) = seen
+    assert (o.teacher, o.kd_features, o.save_weights, o.plots) == ("runs/t/weights/last", True, False, False)
+
+
+def test_a_grid_with_nothing_new_trains_nothing(tmp_path):
+    """Equal fitness everywhere (an untrained budget) gives flat trends, and flat loss curves give
+    no new weights: the grid then holds no new point, and no population is trained for it."""
+    calls = []
+
+    def flat(hyps, tag, epochs=None):
+        calls.append(tag)
+        return [{"fitness": 0.0, "metrics": {k: 0.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
+                 "curves": {"local": np.ones((2, 3, 3)).tolist(), "global": np.ones((2, 3)).tolist()}}
+                for _ in hyps]
+
+    res = run_search(S.options(tmp_path / "flat", generations=2, population=3), evaluate=flat)
+    assert calls == ["evolve000", "evolve001"]
+    assert {t["phase"] for t in res.trials} == {"evolve"}
+    assert json.loads((tmp_path / "flat" / "grid.json").read_text())["points"] == []
+    assert (tmp_path / "flat" / "best_hyp.yaml").exists()

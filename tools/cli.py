@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
-import time
+from pathlib import Path
 
 from jaxyolo.errors import JaxyoloError
 
@@ -44,53 +45,27 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job on an embedded default: train and evaluate a small detector on generated data."""
-    import logging
-    import shutil
-    from pathlib import Path
-
-    import jax
-
+    """The main job on an embedded default: the model family, then the demo pipeline (every stage
+    of the paper's system in miniature on generated data, with its report)."""
     import jaxyolo
-    from jaxyolo.data.sources import open_dataset
-    from jaxyolo.tools.train_cmd import ProgressPrinter
-    from jaxyolo.trainer import TrainOptions, fit
-    from jaxyolo.validate import validate
+    from jaxyolo.tools import pipeline_cmd
 
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    t0 = time.perf_counter()
-    print(f"jaxyolo {jaxyolo.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device(s))\n")
-    print("The model family (implicit head, K=3 KST candidates), counted on abstract shapes:")
+    print(f"jaxyolo {jaxyolo.__version__}\n\nThe model family (implicit head, K=3 KST candidates), counted on "
+          "abstract shapes:")
     rows = []
-    for name in ("yolov4n", "yolov4s", "yolov4m", "yolov4l", "yolov4x"):
+    for name in ("yolov4p", "yolov4n", "yolov4s", "yolov4m", "yolov4l", "yolov4x"):
         det = jaxyolo.create_model(name, abstract=True)
         rows.append({"model": name, "params": det.num_params(), "gflops": det.gflops(640),
                      "depth": det.spec.depth_multiple, "width": det.spec.width_multiple})
     print(_fmt_table(rows, [("model", "model", ""), ("depth", "depth", ".2f"), ("width", "width", ".4f"),
                             ("params", "params", ",d"), ("gflops", "GFLOPs@640", ".2f")]))
-
-    data = f"synthetic:num_train={args.train_images},num_val={args.val_images},img_size=96-160,seed=0"
+    print(flush=True)
     out = Path(args.out)
-    if (out / "options.json").exists():  # a previous demo run: start again
+    # the demo owns its folder: start again when told to, or when it holds something else than a demo pipeline
+    if out.exists() and (args.fresh or not (out / "pipeline.json").exists()):
         shutil.rmtree(out)
-    print(f"\nTraining {args.model} (KST K=3) from scratch on generated shapes ({data}) at {args.img}x{args.img} "
-          f"for {args.epochs} epochs, on-device augmentation (mosaic, affine, HSV, flips) -> {out}")
-    opts = TrainOptions(model=args.model, data=data, img_size=args.img, batch_size=16, epochs=args.epochs,
-                        out=str(out), nominal_batch=16, min_warmup_iters=24, eval_every=1)
-    res = fit(opts, progress=ProgressPrinter())
-    best = jaxyolo.load(out / "weights" / "best")
-    print(f"\nEvaluating {out / 'weights' / 'best'} with the standalone protocol (conf 0.001, NMS IoU 0.65):")
-    metrics = validate(best, open_dataset(data, "val"), img_size=args.img)
-    print(metrics["coco"]["summary"])
-    print(f"VOC mAP@0.5: {metrics['voc']['mAP50']:.4f} (all-point)")
-    folded = best.fold()
-    print(f"\nFolded for deployment (KST mean + BatchNorm into the convs): {best.num_params():,} -> "
-          f"{folded.num_params():,} parameters")
-    print(f"Run folder: results.csv, results.png (losses per level and objective), PR_curve.png, "
-          f"val_predictions.jpg, tensorboard/, weights/{{best,last}}. Total {time.perf_counter() - t0:.0f} s.")
-    print(f"Next: jaxyolo predict --weights {out}/weights/best --source IMAGES --img {args.img}")
-    del res
-    return 0
+    argv = ["--config", "demo", "--out", str(out), "--fast-compile", *sum((["--set", s] for s in args.set), [])]
+    return pipeline_cmd.run(pipeline_cmd.add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(argv))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,13 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
 
-    demo = sub.add_parser("demo", help="train and evaluate a small detector on generated data (no download)")
-    demo.add_argument("--model", default="yolov4n")
-    demo.add_argument("--img", type=int, default=128)
-    demo.add_argument("--epochs", type=int, default=10)
-    demo.add_argument("--train-images", type=int, default=128)
-    demo.add_argument("--val-images", type=int, default=32)
+    demo = sub.add_parser("demo", help="the paper's whole pipeline in miniature on generated data (no download)")
     demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--fresh", action="store_true", help="start again instead of resuming a demo run in --out")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a demo.yaml field")
     demo.set_defaults(func=cmd_demo)
 
     from jaxyolo.tools import evaluate_cmd, export_cmd, pipeline_cmd, predict_cmd, search_cmd, train_cmd

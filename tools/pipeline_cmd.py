@@ -6,8 +6,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import time
+from pathlib import Path
 
 from jaxyolo.tools.search_cmd import SearchProgress
 
@@ -21,14 +24,41 @@ def add_parser(subparsers):
     p.add_argument("--stages", help="comma-separated stages to run (their dependencies run too); default all")
     p.add_argument("--dry-run", action="store_true", help="print what every stage would run, then stop")
     p.add_argument("--out", help="run folder (default runs/pipeline/<config name>); rerun to resume")
+    p.add_argument("--compile-cache", default=str(DEFAULT_CACHE),
+                   help="persistent XLA compilation cache shared by the stages and later runs ('none': off)")
+    p.add_argument("--fast-compile", action="store_true",
+                   help="XLA backend optimisation level 0: compiles about 2.4x faster, steps run about 1.7x "
+                        "slower (measured for the demo's models on CPU); for short runs of small models")
     p.set_defaults(func=run)
     return p
+
+
+DEFAULT_CACHE = Path.home() / ".cache" / "jaxyolo" / "xla"
+
+
+def setup_compilation(cache: str | None, fast: bool) -> None:
+    """The persistent compilation cache (rows of a unit and units with the same model and
+    population size compile once) and, with `fast`, XLA's lowest backend optimisation level.
+    An existing JAX_COMPILATION_CACHE_DIR wins over `cache`."""
+    import jax
+
+    if fast:
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            logging.getLogger("jaxyolo").warning("--fast-compile: the XLA backend is already running; ignored")
+        else:
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    if cache and cache.lower() != "none" and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 class PipelineProgress:
     """A header per stage and the trainer's / search's own progress lines inside it."""
 
-    def __init__(self, echo=print):
+    def __init__(self, echo=functools.partial(print, flush=True)):
         self.echo = echo
         self.inner = SearchProgress(0, echo=echo)
 
@@ -57,10 +87,9 @@ class PipelineProgress:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from jaxyolo.search import pipeline as PL
 
+    setup_compilation(args.compile_cache, args.fast_compile)
     logging.getLogger("absl").setLevel(logging.WARNING)
     overrides = dict(PL.parse_override(o) for o in args.overrides)
     if args.seeds is not None:
@@ -68,18 +97,20 @@ def run(args) -> int:
     cfg = PL.load_config(args.config, overrides)
     out = Path(args.out or f"runs/pipeline/{cfg.name}")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-    todo = PL.with_dependencies(stages or PL.STAGES)
+    todo = PL.units_for(stages or PL.STAGES)
     if args.dry_run:
         steps = PL.plan(cfg, out)
         for s in todo:
             step = steps[s]
             o = step.get("options")
+            rows = ", ".join(f"{r}={h}" for r, h in step["rows"].items())
             if o is None:
-                print(f"{s:7s} {step['kind']}: " + ", ".join(f"{k}={v}" for k, v in step.items() if k != "kind"))
+                extra = ", ".join(f"{k}={v}" for k, v in step.items() if k not in ("kind", "rows"))
+                print(f"{s:7s} {step['kind']}: {rows}" + (f"; {extra}" if extra else ""))
                 continue
-            keys = ("model", "head", "kst", "data", "hyp", "img_size", "batch_size", "epochs", "teacher", "population",
+            keys = ("model", "head", "kst", "data", "img_size", "batch_size", "epochs", "teacher", "population",
                     "generations", "trial_epochs", "subset", "init_seeds")
-            print(f"{s:7s} {step['kind']}: " + ", ".join(f"{k}={getattr(o, k)}" for k in keys if hasattr(o, k)))
+            print(f"{s:7s} {step['kind']}: {rows}; " + ", ".join(f"{k}={getattr(o, k)}" for k in keys if hasattr(o, k)))
         return 0
     t0 = time.perf_counter()
     print(f"pipeline {cfg.name}: student {cfg.student.model}, teacher {cfg.teacher.model}, {cfg.seeds} seed(s), "

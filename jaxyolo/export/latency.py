@@ -90,8 +90,9 @@ def _has(module: str) -> bool:
 
 
 def profile(detector, img_sizes, *, runs: int = 50, warmup: int = 10, threads: int | None = None,
-            with_torch: bool = True, workdir: str | Path | None = None) -> dict:
-    """Table-5 rows for `detector` at each size in `img_sizes` (see the module docstring)."""
+            with_torch: bool = True, with_jax: bool = True, workdir: str | Path | None = None, keep_onnx: str | Path | None = None) -> dict:
+    """Table-5 rows for `detector` at each size in `img_sizes` (see the module docstring).
+    `keep_onnx`: a folder to keep the timed ONNX files in (`model-<size>.onnx`)."""
     from jaxyolo.errors import ConfigError
     from jaxyolo.export.onnx_export import export_onnx
 
@@ -108,17 +109,18 @@ def profile(detector, img_sizes, *, runs: int = 50, warmup: int = 10, threads: i
 
             torch_dir = tmp / "torch"
             export_torch(detector, torch_dir, img_sizes[0])
-        folded = detector.fold()
+        folded = detector.fold() if with_jax else None
         for s in img_sizes:
-            onnx_path = tmp / f"model-{s}.onnx"
+            onnx_path = (Path(keep_onnx) if keep_onnx else tmp) / f"model-{s}.onnx"
             report = export_onnx(detector, onnx_path, s)
             onnx_ms = onnx_latency(onnx_path, s, threads=threads, runs=runs, warmup=warmup)
             row = {"img": s, "params": detector.num_params(), "gflops": detector.gflops(s),
                    "onnx_ms": onnx_ms, "onnx_fps": 1e3 / onnx_ms,
-                   "jax_ms": jax_latency(folded, s, runs=runs, warmup=warmup),
+                   "jax_ms": jax_latency(folded, s, runs=runs, warmup=warmup) if with_jax else None,
                    "torch_ms": torch_latency(torch_dir, s, threads=threads, runs=runs, warmup=warmup)
                    if torch_dir else None,
-                   "onnx_parity_max_abs_diff": report.get("max_abs_diff")}
+                   "onnx_parity_max_abs_diff": report.get("max_abs_diff"),
+                   "onnx_file": str(onnx_path) if keep_onnx else None}
             rows.append(row)
     return {"model": detector.spec.name, "rows": rows, "runs": runs, "warmup": warmup, "threads": threads,
             "machine": machine()}
