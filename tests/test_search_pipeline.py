@@ -153,31 +153,42 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.fixture(scope="module")
-def minimal_run(tmp_path_factory, runs_root):
+def _plain(info: dict) -> dict:
+    return {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, list)) or v is None}
+
+
+@pytest.fixture(scope="session")
+def minimal_run(runs_root):
     """The minimal config run with an interruption inside unit F (after its training state is
-    saved), then rerun: (out, events of the first run, events of the rerun)."""
-    from helpers.train_runs import data_cache
+    saved), then rerun; built once per session for all xdist workers. Returns (config, out,
+    events of the first run, events of the rerun, the rerun's result)."""
+    from helpers.train_runs import build_once, data_cache
 
-    root = tmp_path_factory.mktemp("pipeline")
-    (root / "minimal.yaml").write_text(MINIMAL)
+    def build(root):
+        root.mkdir(parents=True)
+        (root / "minimal.yaml").write_text(MINIMAL)
+        cfg = PL.load_config(root / "minimal.yaml")
+        first, second, unit = [], [], {"now": None}
+
+        def interrupting(info):
+            first.append(_plain(info))
+            if info.get("event") == "stage":
+                unit["now"] = info["stage"]
+            if unit["now"] == "F" and info.get("event") == "epoch":
+                raise Interrupt
+
+        with data_cache(runs_root):
+            with pytest.raises(Interrupt):
+                PL.run_pipeline(cfg, root / "run", progress=interrupting)
+            PL.run_pipeline(cfg, root / "run", progress=lambda info: second.append(_plain(info)))
+        (root / "events.json").write_text(json.dumps({"first": first, "second": second}))
+
+    root = build_once(runs_root / "pipeline", build)
     cfg = PL.load_config(root / "minimal.yaml")
-    out = root / "run"
-    first, second = [], []
-    unit = {"now": None}
-
-    def interrupting(info):
-        first.append(info)
-        if info.get("event") == "stage":
-            unit["now"] = info["stage"]
-        if unit["now"] == "F" and info.get("event") == "epoch":
-            raise Interrupt
-
+    events = json.loads((root / "events.json").read_text())
     with data_cache(runs_root):
-        with pytest.raises(Interrupt):
-            PL.run_pipeline(cfg, out, progress=interrupting)
-        res = PL.run_pipeline(cfg, out, progress=second.append)
-    return cfg, out, first, second, res
+        res = PL.run_pipeline(cfg, root / "run")  # everything cached: reads the results back
+    return cfg, root / "run", events["first"], events["second"], res
 
 
 def test_a_minimal_pipeline_runs_every_stage_and_resumes(minimal_run):
@@ -228,10 +239,13 @@ def test_the_final_student_is_exported_and_loadable(minimal_run):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_a_rerun_is_cached_and_a_changed_config_is_refused(minimal_run):
+def test_a_rerun_is_cached_and_a_changed_config_is_refused(minimal_run, runs_root):
+    from helpers.train_runs import data_cache
+
     cfg, out, *_ = minimal_run
     events = []
-    PL.run_pipeline(cfg, out, progress=events.append)
+    with data_cache(runs_root):
+        PL.run_pipeline(cfg, out, progress=events.append)
     assert {e["status"] for e in events if e.get("event") == "stage"} == {"cached"}
     import dataclasses
 
