@@ -166,10 +166,13 @@ def write(cfg, out: Path, results: dict) -> Path:
                       f"member {res['best']['member']}). Log and plots: `stages/{stage}/search/`.", ""]
     if _plot(out, results):
         lines += ["## AP per stage", "", "![AP per stage and seed](report_ap.png)", ""]
-    times = [(s, results[s]["seconds"]) for s in results if "seconds" in results[s]]
+    from jaxyolo.search.pipeline import STAGES, UNITS
+
+    times = [(" + ".join(rows), results[rows[0]]["seconds"]) for rows in UNITS.values()
+             if "seconds" in results.get(rows[0], {})]
     if times:
-        lines += ["## Time per stage", "", _table(["stage", "minutes"], [[s, f"{t / 60:.1f}"] for s, t in times]), ""]
-    from jaxyolo.search.pipeline import STAGES
+        lines += ["## Time per unit (rows that share a model train together)", "",
+                  _table(["unit", "minutes"], [[u, f"{t / 60:.1f}"] for u, t in times]), ""]
 
     pending = [s for s in STAGES if s not in results]
     if pending:
