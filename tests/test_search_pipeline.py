@@ -265,3 +265,17 @@ def test_the_coco_config_trains_a_few_steps(tmp_path):
     assert a["model"] == "yolov4s" and a["head"] == "detect" and len(a["seeds"]) == 1
     assert 0.0 <= a["seeds"][0]["AP50"] <= 1.0
     assert "pending" in (tmp_path / "coco" / "report.md").read_text()
+
+
+def test_the_demo_resumes_only_its_own_configuration(tmp_path):
+    """`jaxyolo demo` resumes a demo run made with today's demo.yaml and starts any other afresh."""
+    from jaxyolo.tools.cli import _same_pipeline
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    assert not _same_pipeline(out, [])  # no pipeline run in it
+    (out / "pipeline.json").write_text(json.dumps({"format": PL.FORMAT, "config": PL.load_config("demo").to_dict()}))
+    assert _same_pipeline(out, [])
+    assert not _same_pipeline(out, ["epochs=1"])  # an older or overridden demo
+    assert _same_pipeline(out, []) == (json.loads((out / "pipeline.json").read_text())["config"]
+                                       == PL.load_config("demo").to_dict())

@@ -61,11 +61,25 @@ def cmd_demo(args) -> int:
                             ("params", "params", ",d"), ("gflops", "GFLOPs@640", ".2f")]))
     print(flush=True)
     out = Path(args.out)
-    # the demo owns its folder: start again when told to, or when it holds something else than a demo pipeline
-    if out.exists() and (args.fresh or not (out / "pipeline.json").exists()):
+    # the demo owns its folder: start again when told to, or when it holds anything but this demo's run
+    if out.exists() and (args.fresh or not _same_pipeline(out, args.set)):
         shutil.rmtree(out)
     argv = ["--config", "demo", "--out", str(out), "--fast-compile", *sum((["--set", s] for s in args.set), [])]
     return pipeline_cmd.run(pipeline_cmd.add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(argv))
+
+
+def _same_pipeline(out: Path, overrides: list[str]) -> bool:
+    """Whether `out` holds a run of the demo pipeline as configured now (then it resumes)."""
+    from jaxyolo.search import pipeline as PL
+
+    saved = out / "pipeline.json"
+    if not saved.exists():
+        return False
+    try:
+        cfg = PL.load_config("demo", dict(PL.parse_override(o) for o in overrides))
+        return json.loads(saved.read_text()).get("config") == cfg.to_dict()
+    except (OSError, ValueError, JaxyoloError):
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
