@@ -11,9 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -25,6 +22,7 @@ import yaml
 from helpers import distill_case as dcase
 from helpers import train_case as case
 from helpers import train_runs as R
+from helpers.train_runs import run_on_eight_devices
 from test_train import assert_same_training
 
 import jaxyolo
@@ -254,13 +252,7 @@ def test_population_of_students_equals_separate_runs(pair, one_device):
 def test_eight_fake_devices_equal_one(tmp_path, one_device):
     """pop=2 × data=4 on 8 host devices against pop=1 × data=1 here: the same numbers."""
     out = tmp_path / "eight.npz"
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import runpy; "
-            f"sys.argv = ['x', {str(out)!r}, '2', '4']; runpy.run_module('helpers.distill_case', run_name='__main__')")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    eight = np.load(out)
+    eight = run_on_eight_devices("distill_case", out, 2, 4)
     params, adapters, loss, kd = one_device
     np.testing.assert_allclose(eight["loss"], loss, rtol=1e-4)
     np.testing.assert_allclose(eight["kd"], kd, rtol=1e-3, atol=1e-7)

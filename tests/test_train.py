@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import train_case as case
+from helpers.train_runs import run_on_eight_devices
 
 from jaxyolo import hyp as H
 from jaxyolo import train as T
@@ -156,13 +153,7 @@ def assert_same_training(a, b, init):
 def test_eight_fake_devices_equal_one(tmp_path):
     """pop=2 × data=4 on 8 host devices against pop=1 × data=1 here: the same numbers."""
     out = tmp_path / "eight.npz"
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import runpy; "
-            f"sys.argv = ['x', {str(out)!r}, '2', '4']; runpy.run_module('helpers.train_case', run_name='__main__')")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    eight = np.load(out)
+    eight = run_on_eight_devices("train_case", out, 2, 4)
     params, loss = case.run_mesh(1, 1)
     np.testing.assert_allclose(eight["loss"], loss, rtol=1e-4)
     leaves = jax.tree.leaves(params)

@@ -159,3 +159,22 @@ def _drive(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_drive(sys.argv[1:]))
+
+
+def run_on_eight_devices(module: str, out: Path, pop: int, data: int):
+    """Run `helpers.<module>` as a script (`OUT POP DATA`) in a subprocess with 8 fake host
+    devices, and return its saved arrays."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    helpers = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+    code = (f"import sys; sys.path.insert(0, {helpers!r}); import runpy; "
+            f"sys.argv = ['x', {str(out)!r}, '{pop}', '{data}']; "
+            f"runpy.run_module('helpers.{module}', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return np.load(out)
