@@ -331,22 +331,32 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, stages: Sequence[str] 
     return PipelineResult(out=out, results=results, report=report)
 
 
-def _check_saved_config(cfg: PipelineConfig, out: Path) -> None:
-    saved_path = out / "pipeline.json"
-    now = {"format": FORMAT, "config": cfg.to_dict()}
-    if saved_path.exists():
+def config_changes(cfg: PipelineConfig, out: Path) -> list[str] | None:
+    """How `cfg` differs from the run saved in `out` ("field: old -> new" each; [] when equal),
+    or None when `out` holds no pipeline run."""
+    saved_path = Path(out) / "pipeline.json"
+    if not saved_path.exists():
+        return None
+    try:
         saved = json.loads(saved_path.read_text())
-        if saved.get("format") != FORMAT:
-            raise ConfigError(f"{saved_path}: unknown pipeline format {saved.get('format')!r}")
-        diff = _diff(saved["config"], now["config"])
-        if diff:
-            raise ConfigError(f"out {out}: holds a pipeline run with a different configuration "
-                              f"({', '.join(diff)}); use another --out")
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{saved_path}: not readable JSON ({e})") from None
+    if saved.get("format") != FORMAT:
+        raise ConfigError(f"{saved_path}: unknown pipeline format {saved.get('format')!r}")
+    return _diff(saved["config"], cfg.to_dict())
+
+
+def _check_saved_config(cfg: PipelineConfig, out: Path) -> None:
+    diff = config_changes(cfg, out)
+    if diff:
+        raise ConfigError(f"out {out}: holds a pipeline run with a different configuration "
+                          f"({', '.join(diff)}); use another --out")
+    if diff is not None:
         return
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"out {out}: exists, is not empty and holds no pipeline run; use another --out")
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(saved_path, json.dumps(now, indent=1))
+    _atomic_write(out / "pipeline.json", json.dumps({"format": FORMAT, "config": cfg.to_dict()}, indent=1))
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:

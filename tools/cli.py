@@ -72,13 +72,10 @@ def _same_pipeline(out: Path, overrides: list[str]) -> bool:
     """Whether `out` holds a run of the demo pipeline as configured now (then it resumes)."""
     from jaxyolo.search import pipeline as PL
 
-    saved = out / "pipeline.json"
-    if not saved.exists():
-        return False
     try:
         cfg = PL.load_config("demo", dict(PL.parse_override(o) for o in overrides))
-        return json.loads(saved.read_text()).get("config") == cfg.to_dict()
-    except (OSError, ValueError, JaxyoloError):
+        return PL.config_changes(cfg, out) == []
+    except (OSError, JaxyoloError):
         return False
 
 
