@@ -6,6 +6,10 @@
     boxes = det.decode(raw)                # (B, N, 5 + classes)
 """
 
+from jaxyolo import xla_cpu
+
+xla_cpu.apply_defaults()  # before anything starts a JAX backend (see jaxyolo.xla_cpu)
+
 from jaxyolo.api import Detector, create_model, load, load_torch
 from jaxyolo.errors import CheckpointError, ConfigError, JaxyoloError
 from jaxyolo.models.config import available_models

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxyolo.errors import ConfigError
+from jaxyolo.models.conv import conv2d
 
 # BatchNorm settings of the reference after `initialize_weights` (spec §2).
 BN_EPS = 1e-3
@@ -80,20 +81,13 @@ class Conv2d(nnx.Module):
         self.weight = nnx.Param(random_uniform(rngs, (k, k, c1, c2), bound))
         self.bias = nnx.Param(random_uniform(rngs, (c2,), bound)) if bias else None
         self.stride = s
-        self.pad = k // 2
         self.dtype = dtype
 
     def __call__(self, x):
         w = self.weight[...]
         if self.dtype is not None:
             x, w = x.astype(self.dtype), w.astype(self.dtype)
-        y = jax.lax.conv_general_dilated(
-            x,
-            w,
-            window_strides=(self.stride, self.stride),
-            padding=((self.pad, self.pad), (self.pad, self.pad)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        y = conv2d(x, w, self.stride)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y

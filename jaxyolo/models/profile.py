@@ -42,21 +42,24 @@ def layer_flops(model, img_size: int | tuple[int, int], batch: int = 1) -> tuple
     x = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
     closed = jax.make_jaxpr(fwd)(state, x)
     per_layer: dict[int, int] = defaultdict(int)
-    for eqn in _all_eqns(closed.jaxpr):
+    for eqn, scope in _all_eqns(closed.jaxpr):
         if eqn.primitive.name == "conv_general_dilated":
-            m = re.search(r"layer(\d+)", str(eqn.source_info.name_stack))
+            m = re.search(r"layer(\d+)", scope)
             per_layer[int(m.group(1)) if m else -1] += 2 * _conv_macs(eqn)
     outs = jax.eval_shape(fwd, state, x)
     return dict(per_layer), outs
 
 
-def _all_eqns(jaxpr):
+def _all_eqns(jaxpr, scope: str = ""):
+    """Every equation, nested ones included, with its name scope (an inner jaxpr, e.g. of a
+    custom-gradient convolution, only knows the scope inside it, so the caller's is prepended)."""
     for eqn in jaxpr.eqns:
-        yield eqn
+        here = f"{scope}/{eqn.source_info.name_stack}"
+        yield eqn, here
         for v in eqn.params.values():
             inner = getattr(v, "jaxpr", None)
             if inner is not None:
-                yield from _all_eqns(getattr(inner, "jaxpr", inner))
+                yield from _all_eqns(getattr(inner, "jaxpr", inner), here)
 
 
 def layer_table(model, img_size: int = 640) -> list[dict]:

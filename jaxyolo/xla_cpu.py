@@ -1,0 +1,43 @@
+"""XLA settings for the CPU that jaxyolo applies when it is imported (before JAX starts a backend).
+
+XLA's CPU backend hands convolutions to the YNNPACK library by default. For the convolutions of
+these detectors (many channels-last layers with 16-512 channels at large spatial sizes) its
+forward and gradient kernels measured slower than XLA's own (Eigen) convolutions, while YNNPACK's
+reductions (BatchNorm statistics), matmuls and elementwise kernels are the fastest on offer. So
+jaxyolo keeps YNNPACK for those and leaves convolutions to XLA:
+
+    --xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE,
+        LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_ELTWISE
+
+(`jaxyolo bench --suite train` measures the step; the README's benchmark section has the figures.)
+The flag only concerns the CPU backend. It is not applied when `XLA_FLAGS` already sets
+`xla_cpu_experimental_ynn_fusion_type` (the user's choice wins), when `JAXYOLO_XLA_DEFAULTS=0`, or
+when a JAX backend is already running (XLA reads its flags once, at start-up).
+"""
+
+from __future__ import annotations
+
+import os
+
+YNN_FUSION_TYPES = ("LIBRARY_FUSION_TYPE_REDUCE", "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "LIBRARY_FUSION_TYPE_ELTWISE")
+FLAG = "--xla_cpu_experimental_ynn_fusion_type=" + ",".join(YNN_FUSION_TYPES)
+
+
+def apply_defaults() -> bool:
+    """Add `FLAG` to `XLA_FLAGS` unless one of the exceptions above holds; True if it was added."""
+    if os.environ.get("JAXYOLO_XLA_DEFAULTS", "1") == "0":
+        return False
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_experimental_ynn_fusion_type" in flags:
+        return False
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {FLAG}".strip()
+    return True
+
+
+def active() -> bool:
+    """Whether this process's XLA flags carry jaxyolo's CPU setting."""
+    return FLAG in os.environ.get("XLA_FLAGS", "")
