@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a demo.yaml field")
     demo.set_defaults(func=cmd_demo)
 
-    from jaxyolo.tools import evaluate_cmd, export_cmd, pipeline_cmd, predict_cmd, search_cmd, train_cmd
+    from jaxyolo.tools import bench_cmd, evaluate_cmd, export_cmd, pipeline_cmd, predict_cmd, search_cmd, train_cmd
 
     train_cmd.add_parser(sub)
     evaluate_cmd.add_parser(sub)
@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_cmd.add_parser(sub)
     search_cmd.add_parser(sub)
     pipeline_cmd.add_parser(sub)
+    bench_cmd.add_parser(sub)
     return p
 
 

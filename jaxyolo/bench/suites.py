@@ -328,6 +328,8 @@ def gpu(*, model: str = "yolov4s", batch: int = 32, img: int = 640, repeats: int
     ceiling = _matmul_ceiling(jnp.bfloat16, matmul_n)
     out = {"model": model, "batch": batch, "img": img, "device": jax.devices()[0].device_kind, "backend": backend,
            **info, "jax_step_s": round(t, 4), "jax_images_per_s": round(batch / t, 1),
+           "model_flops_per_image": flops_per_image, "model_flops_per_s": flops_per_image * batch / t,
+           "bf16_matmul_flops_per_s": ceiling,
            "model_tflops_per_s": round(flops_per_image * batch / t / 1e12, 2),
            "bf16_matmul_ceiling_tflops": round(ceiling / 1e12, 1),
            "mfu": round(flops_per_image * batch / t / ceiling, 4)}
