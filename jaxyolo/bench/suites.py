@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxyolo.bench.measure import PeakRSS, interleaved, median, timed
 from jaxyolo.errors import ConfigError
+from jaxyolo.export.latency import _has
 
 
 def synthetic_batch(batch: int, size: int, *, num_classes: int = 80, max_boxes: int = 32, augment: bool = False,
@@ -35,23 +36,30 @@ def synthetic_batch(batch: int, size: int, *, num_classes: int = 80, max_boxes: 
     return out
 
 
-def _has(module: str) -> bool:
-    import importlib.util
+class _StepRunner:
+    """A compiled population step of `det` (P members, the real `jaxyolo.train.population_step` on
+    a mesh of the local devices) and its state; each call runs one iteration and waits for it.
+    `info`: trace and compile seconds and XLA's memory estimate."""
 
-    return importlib.util.find_spec(module) is not None
+    def __init__(self, det, cfg, batch, *, pop: int = 1, augment_fn=None, hyps=None):
+        from jaxyolo import hyp as H
+        from jaxyolo import train as T
 
+        n = jax.device_count()
+        mesh_pop = max(d for d in range(1, n + 1) if n % d == 0 and pop % d == 0)
+        step = T.population_step(T.make_train_step(det, cfg, augment_fn=augment_fn), T.make_mesh(mesh_pop, n // mesh_pop))
+        self.state = T.replicate(T.init_state(det), pop)
+        self.hyp = H.stack(hyps or [H.load_hyp()] * pop)
+        self.batch, self.pop, self.calls = batch, pop, 0
+        self.compiled, self.info = _compile(step, self.state, batch, self.hyp, self._keys())
 
-def _train_parts(det, cfg, *, pop: int = 1, augment_fn=None, hyps=None):
-    from jaxyolo import hyp as H
-    from jaxyolo import train as T
+    def _keys(self):
+        return jax.random.split(jax.random.key(self.calls), self.pop)
 
-    n = jax.device_count()
-    mesh_pop = max(d for d in range(1, n + 1) if n % d == 0 and pop % d == 0)
-    mesh = T.make_mesh(mesh_pop, n // mesh_pop)
-    step = T.population_step(T.make_train_step(det, cfg, augment_fn=augment_fn), mesh)
-    state = T.replicate(T.init_state(det), pop)
-    hyp = H.stack(hyps or [H.load_hyp()] * pop)
-    return step, state, hyp
+    def __call__(self):
+        self.calls += 1
+        self.state, metrics = self.compiled(self.state, self.batch, self.hyp, self._keys())
+        jax.block_until_ready(metrics["loss"])
 
 
 def _compile(step, *args):
@@ -80,20 +88,11 @@ def train(*, model: str = "yolov4s", batch: int = 8, img: int = 320, repeats: in
 
     det = jaxyolo.create_model(model, num_classes=80, kst=kst)
     cfg = T.TrainConfig(epochs=300, batches_per_epoch=100, batch_size=batch, img_size=img, augment=False)
-    step, state, hyp = _train_parts(det, cfg)
     host = synthetic_batch(batch, img)
-    keys = lambda i: jax.random.split(jax.random.key(i), 1)
-    compiled, compile_info = _compile(step, state, host, hyp, keys(0))
-    box = {"state": state, "i": 0}
-
-    def jax_step():
-        box["i"] += 1
-        box["state"], metrics = compiled(box["state"], host, hyp, keys(box["i"]))
-        jax.block_until_ready(metrics["loss"])
-        box["loss"] = float(metrics["loss"][0])
+    jax_step = _StepRunner(det, cfg, host)
 
     contestants = {"jax": jax_step}
-    out = {"model": model, "batch": batch, "img": img, "kst": kst, "params": det.num_params(), **compile_info}
+    out = {"model": model, "batch": batch, "img": img, "kst": kst, "params": det.num_params(), **jax_step.info}
     if with_torch and _has("torch"):
         import torch
 
@@ -184,19 +183,11 @@ def population(*, model: str = "yolov4n", batch: int = 8, img: int = 256, pops=(
     for p in sorted(set(int(x) for x in pops)):
         hyps = [H.load_hyp({**base, "lr0": base["lr0"] * (1 + 0.1 * i), "hsv_v": min(0.9, base["hsv_v"] + 0.05 * i)})
                 for i in range(p)]
-        step, state, hyp = _train_parts(det, cfg, pop=p, augment_fn=_augment if augment else None, hyps=hyps)
-        keys = lambda i: jax.random.split(jax.random.key(i), p)
-        compiled, info = _compile(step, state, host, hyp, keys(0))
-        box = {"state": state}
-
-        def run(i):
-            box["state"], metrics = compiled(box["state"], host, hyp, keys(i))
-            jax.block_until_ready(metrics["loss"])
-
-        run(1)  # the first call also places the state on the mesh
-        t = median([timed(lambda: run(i + 2)) for i in range(repeats)])
+        run = _StepRunner(det, cfg, host, pop=p, augment_fn=_augment if augment else None, hyps=hyps)
+        run()  # the first call also places the state on the mesh
+        t = median([timed(run) for _ in range(repeats)])
         single = t if p == 1 else single
-        row = {"pop": p, "step_s": round(t, 4), **info}
+        row = {"pop": p, "step_s": round(t, 4), **run.info}
         if single:
             row["ratio_to_p_times_single"] = round(t / (p * single), 3)
         rows.append(row)
@@ -248,8 +239,7 @@ def evaluation(*, images: int = 300, img: int = 416, batch: int = 16, num_classe
             raw.append(jnp.asarray(r))
         return raw
 
-    decode = jax.jit(lambda raw: det.decode(raw))
-    post = lambda raw: nms(decode(raw), conf_thres=0.001, iou_thres=0.65, max_det=300)
+    post = lambda raw: nms(det.decode(raw), conf_thres=0.001, iou_thres=0.65, max_det=300)
     jax.block_until_ready(post(head_output(batch)))  # compile
     per_image, found, t_post = [], 0, 0.0
     for start in range(0, images, batch):
@@ -309,17 +299,8 @@ def gpu(*, model: str = "yolov4s", batch: int = 32, img: int = 640, repeats: int
         return {"skipped": "no accelerator: jax.default_backend() is 'cpu' (run on a GPU or TPU machine)"}
     det = jaxyolo.create_model(model, num_classes=80, kst=3, dtype="bfloat16")
     cfg = T.TrainConfig(epochs=300, batches_per_epoch=100, batch_size=batch, img_size=img, augment=False)
-    step, state, hyp = _train_parts(det, cfg)
     host = synthetic_batch(batch, img)
-    dev_batch = jax.device_put(host)
-    keys = lambda i: jax.random.split(jax.random.key(i), 1)
-    compiled, info = _compile(step, state, dev_batch, hyp, keys(0))
-    box = {"state": state, "i": 0}
-
-    def jax_step():
-        box["i"] += 1
-        box["state"], metrics = compiled(box["state"], dev_batch, hyp, keys(box["i"]))
-        jax.block_until_ready(metrics["loss"])
+    jax_step = _StepRunner(det, cfg, jax.device_put(host))
 
     for _ in range(warmup):
         jax_step()
@@ -327,7 +308,7 @@ def gpu(*, model: str = "yolov4s", batch: int = 32, img: int = 640, repeats: int
     flops_per_image = 3 * det.gflops(img) * 1e9
     ceiling = _matmul_ceiling(jnp.bfloat16, matmul_n)
     out = {"model": model, "batch": batch, "img": img, "device": jax.devices()[0].device_kind, "backend": backend,
-           **info, "jax_step_s": round(t, 4), "jax_images_per_s": round(batch / t, 1),
+           **jax_step.info, "jax_step_s": round(t, 4), "jax_images_per_s": round(batch / t, 1),
            "model_flops_per_image": flops_per_image, "model_flops_per_s": flops_per_image * batch / t,
            "bf16_matmul_flops_per_s": ceiling,
            "model_tflops_per_s": round(flops_per_image * batch / t / 1e12, 2),

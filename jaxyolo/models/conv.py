@@ -37,11 +37,6 @@ def _conv(x, w, stride: int):
     return lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)), dimension_numbers=_DN)
 
 
-def _out_hw(h: int, w: int, k: int, s: int) -> tuple[int, int]:
-    p = k // 2
-    return (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-
-
 def _patches(x, k: int, s: int, ho: int, wo: int):
     """The input window of every kernel offset (a, b), row-major: k² arrays (N, Ho, Wo, C)."""
     p = k // 2
