@@ -1,22 +1,24 @@
 """The 2-D convolution of every layer, with a gradient that XLA's CPU backend runs fast.
 
 The forward is the plain `lax.conv_general_dilated` (NHWC, HWIO, symmetric zero padding k//2), so
-inference, export and the forward values are exactly those of a plain convolution. On the CPU the
-backward pass of 1×1 and strided convolutions is written by hand: XLA lowers their weight gradient
-(and the input gradient of a strided one) to slow generic code, up to 25× slower than the forward
-for a 1×1 convolution. Both gradients are linear maps that can be written as matrix products over
-the batch and spatial positions, which XLA runs with its fast matmul:
+inference, export and the forward values are exactly those of a plain convolution. On the CPU,
+autodiff's gradients of two kinds of convolution are slow, so their backward pass is written here:
 
-* weight gradient: dW[a, b] = Σ_{n,y,x} X_pad[n, s·y + a, s·x + b, :]ᵀ dY[n, y, x, :] — one matmul
-  per kernel offset (a 1×1 kernel: one matmul), with dY transposed once for all offsets;
-* input gradient of a 1×1 convolution: dY · Wᵀ; of a strided one: dCols = dY · Wᵀ (every offset's
-  patch gradient in one matmul), then each offset's slice is scattered back with a strided pad
-  and summed (col2im).
+* 1×1, stride 1: XLA lowers the weight gradient to generic code up to 25× slower than the
+  forward. Both gradients are matrix products over the batch and spatial positions, which XLA runs
+  with its fast matmul: dW = Xᵀ·dY, dX = dY·Wᵀ.
+* strided: the input gradient is a transposed convolution with a dilated input, 2-4× slower than
+  a stride-1 one. A stride-s convolution equals a stride-1 convolution of the space-to-depth
+  rearranged input (each s×s block one pixel of s²·C channels) with a regrouped, zero-padded
+  kernel (`space_to_depth_conv`); the input gradient is taken through that form when it is faster
+  (fewer than `S2D_MAX_CHANNELS` input channels), the weight gradient through the plain one.
 
-Stride-1 convolutions with larger kernels keep autodiff's transposed convolutions, which XLA runs
-well, and so does every convolution on other backends (cuDNN and TPU convolutions have fast
-gradients). `grad_mode("xla")` traces autodiff's form everywhere, so the benchmark can compare the
-two and a test can check that both give the same gradients.
+Stride-1 convolutions with larger kernels keep autodiff, which XLA runs well, and so does every
+convolution on other backends (cuDNN and TPU convolutions have fast gradients). Each gradient is
+taken without recomputing the forward (`jax.linear_transpose`). `grad_mode("xla")` traces
+autodiff's form everywhere, so the benchmark can compare the two and a test can check that both
+give the same gradients. (`jaxyolo bench --suite train` measures the step; the README's benchmark
+section has the per-change figures.)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-GRAD_MODES = ("auto", "matmul", "xla")  # auto: matmul on the CPU, xla elsewhere
+GRAD_MODES = ("auto", "cpu", "xla")  # auto: the CPU forms on the CPU, autodiff elsewhere
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
@@ -37,56 +39,55 @@ def _conv(x, w, stride: int):
     return lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)), dimension_numbers=_DN)
 
 
-def _patches(x, k: int, s: int, ho: int, wo: int):
-    """The input window of every kernel offset (a, b), row-major: k² arrays (N, Ho, Wo, C)."""
-    p = k // 2
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))) if p else x
-    return [lax.slice(xp, (0, a, b, 0), (xp.shape[0], a + s * (ho - 1) + 1, b + s * (wo - 1) + 1, xp.shape[3]),
-                      (1, s, s, 1)) for a in range(k) for b in range(k)]
-
-
 def _matmul(a, b):
     """a (M, K) @ b (K, N), accumulated in float32."""
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def weight_grad(x, dy, k: int, s: int):
-    n, ho, wo, co = dy.shape
-    ci = x.shape[-1]
-    m = n * ho * wo
-    if k == 1 and s == 1 and ci <= co:
+def weight_grad(x, dy):
+    """dW of a 1×1 stride-1 convolution: Xᵀ · dY over every batch and spatial position."""
+    ci, co = x.shape[-1], dy.shape[-1]
+    m = x.size // ci
+    if ci <= co:
         return _matmul(x.reshape(m, ci).T, dy.reshape(m, co))[None, None]
-    # dY is transposed once, (D, M), and multiplied by each offset's window (M, C) as it lies: a
-    # matmul contracting the long axis needs one operand transposed, and transposing dY once is far
-    # cheaper than transposing k² windows (XLA's CPU transposes of tall, narrow arrays are slow)
-    dyt = dy.reshape(m, co).T
-    g = jnp.stack([_matmul(dyt, c.reshape(m, ci)) for c in _patches(x, k, s, ho, wo)])  # (k², D, C)
-    return jnp.swapaxes(g, 1, 2).reshape(k, k, ci, co)
+    # transpose the narrower operand: XLA's CPU transposes of tall, narrow arrays are slow
+    return _matmul(dy.reshape(m, co).T, x.reshape(m, ci)).T[None, None]
 
 
-def input_grad(dy, w, x_shape, s: int):
-    """dX of a 1×1 stride-1 or of a strided convolution (the cases `conv2d` hands to this file)."""
-    k, _, ci, co = w.shape
-    if k == 1 and s == 1:
-        return lax.dot_general(dy, w[0, 0], (((3,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    n, h, wd, _ = x_shape
-    p = k // 2
-    ho, wo = dy.shape[1:3]
-    cols = lax.dot_general(dy, w.reshape(k * k * ci, co), (((3,), (1,)), ((), ())),
-                           preferred_element_type=jnp.float32).reshape(n, ho, wo, k, k, ci)
-    hp, wp = h + 2 * p, wd + 2 * p
-    total = None
-    for a in range(k):
-        for b in range(k):
-            part = lax.pad(cols[:, :, :, a, b], jnp.zeros((), cols.dtype),
-                           ((0, 0, 0), (a, hp - a - s * (ho - 1) - 1, s - 1), (b, wp - b - s * (wo - 1) - 1, s - 1),
-                            (0, 0, 0)))
-            total = part if total is None else total + part
-    return total[:, p:p + h, p:p + wd]
+def input_grad(dy, w):
+    """dX of a 1×1 stride-1 convolution: dY · Wᵀ."""
+    return lax.dot_general(dy, w[0, 0], (((3,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def space_to_depth_conv(x, w, s: int):
+    """The stride-`s` convolution as a stride-1 one: each s×s block of the (padded) input becomes
+    one pixel with s²·C channels, and the kernel is zero-padded to a multiple of s and regrouped the
+    same way (⌈k/s⌉² taps). Same values as `_conv(x, w, s)`; its input gradient is a stride-1
+    transposed convolution, which XLA's CPU backend runs far faster than the strided one."""
+    k, _, c, co = w.shape
+    n, h, wd, _ = x.shape
+    p, kk = k // 2, -(-k // s)
+    ho, wo = (h + 2 * p - k) // s + 1, (wd + 2 * p - k) // s + 1
+    hz, wz = ho + kk - 1, wo + kk - 1  # the blocks the output reads
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (p, s * hz - h - p, 0), (p, s * wz - wd - p, 0), (0, 0, 0)))
+    z = xp.reshape(n, hz, s, wz, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, hz, wz, s * s * c)
+    w2 = jnp.pad(w, ((0, s * kk - k), (0, s * kk - k), (0, 0), (0, 0)))
+    w2 = w2.reshape(kk, s, kk, s, c, co).transpose(0, 2, 1, 3, 4, 5).reshape(kk, kk, s * s * c, co)
+    return lax.conv_general_dilated(z, w2, (1, 1), "VALID", dimension_numbers=_DN)
+
+
+def _transpose(f, primal, dy):
+    """The transpose of the linear map `f` at `dy`: a gradient without recomputing the forward."""
+    return jax.linear_transpose(f, jax.ShapeDtypeStruct(primal.shape, primal.dtype))(dy)[0]
+
+
+# Below this many input channels the space-to-depth form's input gradient is the faster one (at
+# 16-64 channels 2-3× faster than XLA's strided transposed convolution; at 128-256 slower).
+S2D_MAX_CHANNELS = 128
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_matmul_grad(x, w, stride: int):
+def _conv_cpu_grad(x, w, stride: int):
     return _conv(x, w, stride)
 
 
@@ -96,15 +97,18 @@ def _fwd(x, w, stride):
 
 def _bwd(stride, res, dy):
     x, w = res
-    # materialise both operands first: otherwise XLA fuses their elementwise producers (BN, SiLU)
-    # into the transposing copy the matmuls need, and that fused copy runs many times slower
-    x, dy = lax.optimization_barrier((x, dy))
-    dx = input_grad(dy, w, x.shape, stride).astype(x.dtype)
-    dw = weight_grad(x, dy, w.shape[0], stride).astype(w.dtype)
+    if w.shape[0] == 1 and stride == 1:
+        # materialise both operands first: otherwise XLA fuses their elementwise producers (BN,
+        # SiLU) into the transposing copy the matmuls need, and that fused copy runs many times slower
+        x, dy = lax.optimization_barrier((x, dy))
+        return input_grad(dy, w).astype(x.dtype), weight_grad(x, dy).astype(w.dtype)
+    strided = space_to_depth_conv if x.shape[-1] < S2D_MAX_CHANNELS else _conv
+    dx = _transpose(lambda v: strided(v, w, stride), x, dy)
+    dw = _transpose(lambda v: _conv(x, v, stride), w, dy)
     return dx, dw
 
 
-_conv_matmul_grad.defvjp(_fwd, _bwd)
+_conv_cpu_grad.defvjp(_fwd, _bwd)
 
 
 _mode = {"grad": "auto"}
@@ -127,7 +131,7 @@ def conv2d(x, w, stride: int = 1):
     """NHWC × HWIO convolution with zero padding k//2 (PyTorch's), odd square kernels."""
     mode = _mode["grad"]
     if mode == "auto":
-        mode = "matmul" if jax.default_backend() == "cpu" else "xla"
+        mode = "cpu" if jax.default_backend() == "cpu" else "xla"
     if mode == "xla" or (w.shape[0] > 1 and stride == 1):
         return _conv(x, w, stride)
-    return _conv_matmul_grad(x, w, stride)
+    return _conv_cpu_grad(x, w, stride)

@@ -21,6 +21,7 @@ from flax import nnx
 
 from jaxyolo.errors import ConfigError
 from jaxyolo.models.conv import conv2d
+from jaxyolo.models.norm import batch_norm_act
 
 # BatchNorm settings of the reference after `initialize_weights` (spec §2).
 BN_EPS = 1e-3
@@ -109,21 +110,24 @@ class BatchNorm2d(nnx.Module):
         self.running_mean = nnx.BatchStat(jnp.zeros((c,), jnp.float32))
         self.running_var = nnx.BatchStat(jnp.ones((c,), jnp.float32))
 
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x, *, train: bool, act=None):
+        """Normalise `x`, then apply `act` if given (fused with the normalisation's gradient)."""
         xf = x.astype(jnp.float32)
-        if train:
-            axes = tuple(range(x.ndim - 1))
-            n = math.prod(x.shape[:-1])
-            mean = jnp.mean(xf, axes)
-            var = jnp.mean(jnp.square(xf - mean), axes)
-            m = BN_MOMENTUM
-            self.running_mean[...] = (1 - m) * self.running_mean[...] + m * jax.lax.stop_gradient(mean)
-            unbiased = var * (n / max(n - 1, 1))
-            self.running_var[...] = (1 - m) * self.running_var[...] + m * jax.lax.stop_gradient(unbiased)
-        else:
-            mean, var = self.running_mean[...], self.running_var[...]
-        scale = self.weight[...] * jax.lax.rsqrt(var + BN_EPS)
-        return ((xf - mean) * scale + self.bias[...]).astype(x.dtype)
+        act = act or _identity
+        if not train:
+            scale = self.weight[...] * jax.lax.rsqrt(self.running_var[...] + BN_EPS)
+            return act((xf - self.running_mean[...]) * scale + self.bias[...]).astype(x.dtype)
+        y, mean, var = batch_norm_act(xf, self.weight[...], self.bias[...], act, BN_EPS)
+        n = math.prod(x.shape[:-1])
+        m = BN_MOMENTUM
+        self.running_mean[...] = (1 - m) * self.running_mean[...] + m * jax.lax.stop_gradient(mean)
+        unbiased = var * (n / max(n - 1, 1))
+        self.running_var[...] = (1 - m) * self.running_var[...] + m * jax.lax.stop_gradient(unbiased)
+        return y.astype(x.dtype)
+
+
+def _identity(x):
+    return x
 
 
 class Affine(nnx.Module):
@@ -135,8 +139,9 @@ class Affine(nnx.Module):
         self.weight = nnx.Param(jnp.ones((c,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((c,), jnp.float32))
 
-    def __call__(self, x, *, train=False):
-        return x * self.weight[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+    def __call__(self, x, *, train=False, act=None):
+        y = x * self.weight[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+        return act(y) if act else y
 
 
 class Conv(nnx.Module):
@@ -153,7 +158,7 @@ class Conv(nnx.Module):
     def __call__(self, x, *, train=False):
         y = self.conv(x)
         if self.bn is not None:
-            y = self.bn(y, train=train)
+            return self.bn(y, train=train, act=activation(self.act))
         return activation(self.act)(y)
 
 
@@ -182,7 +187,7 @@ class _CSPBase(nnx.Module):
 
     def _merge(self, main, side, train):
         y = jnp.concatenate([main, side], axis=-1)
-        return activation(self.act)(self.bn(y, train=train))
+        return self.bn(y, train=train, act=activation(self.act))
 
 
 class BottleneckCSP(_CSPBase):
