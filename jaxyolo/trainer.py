@@ -48,7 +48,7 @@ from jaxyolo.errors import ConfigError, JaxyoloError
 from jaxyolo.validate import DEFAULT_IOU_TRAIN, validate_population
 
 log = logging.getLogger("jaxyolo.train")
-STATE_FORMAT = "jaxyolo-train-state/1"
+STATE_FORMAT = "jaxyolo-train-state/2"
 
 
 class TrainingError(JaxyoloError):
@@ -166,7 +166,6 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     use_mosaic = any(h["mosaic"] > 0 for h in hyp_list)
     hyp_arr = jax.device_put(H.stack(hyp_list), pop_sharding)
     graphdef = nnx.split(det.model, nnx.Param, nnx.BatchStat)[0]
-    layout, stats_layout = T.param_layout(det), T.FlatLayout(nnx.split(det.model, nnx.Param, nnx.BatchStat)[2])
 
     store = _StateStore(out / "state")
     meta = {"format": STATE_FORMAT, "options": _jsonable(dataclasses.asdict(options)), "hyps": hyp_list,
@@ -232,7 +231,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         sums, count = _accumulate(sums, count, pending, options, step - 1, emit)  # an epoch ends on a step
         last_epoch = step >= cfg.total_iters
         if (epoch + 1) % options.eval_every == 0 or last_epoch:
-            results = _evaluate(graphdef, det, state, layout, stats_layout, hyp_arr, val_ds, options)
+            results = _evaluate(graphdef, det, state, hyp_arr, val_ds, options)
         else:
             results = [None] * pop
         rows = []
@@ -356,10 +355,8 @@ def _accumulate(sums, count, metrics, options, step, emit):
     return sums, count
 
 
-def _evaluate(graphdef, det, state, layout, stats_layout, hyp_arr, val_ds, options):
-    params = jax.vmap(layout.unflat)(state.ema_params)
-    stats = jax.vmap(stats_layout.unflat)(state.ema_stats)
-    return validate_population(graphdef, det.spec, params, stats, hyp_arr, val_ds, img_size=options.img_size,
+def _evaluate(graphdef, det, state, hyp_arr, val_ds, options):
+    return validate_population(graphdef, det.spec, state.ema_params, state.ema_stats, hyp_arr, val_ds, img_size=options.img_size,
                                batch_size=options.eval_batch_size, conf_thres=options.conf_thres,
                                iou_thres=options.iou_thres, max_boxes=options.max_boxes)
 
@@ -430,7 +427,9 @@ def _save_detector(det, path: Path) -> None:
 
 def _check_resumable(saved: dict, meta: dict) -> None:
     if saved.get("format") != STATE_FORMAT:
-        raise ConfigError(f"resume: unknown training-state format {saved.get('format')!r}")
+        raise ConfigError(f"resume: the saved training state has format {saved.get('format')!r}, this jaxyolo "
+                          f"reads {STATE_FORMAT!r} (written by another version): start the run in a new "
+                          "output directory")
     for key in ("batches_per_epoch", "population"):
         if saved.get(key) != meta[key]:
             raise ConfigError(f"resume: the saved run has {key}={saved.get(key)}, this one {meta[key]} "
@@ -493,23 +492,28 @@ class _StateStore:
             self._mgr.wait_until_finished()
 
 
+# the TrainState fields that are nnx.State trees (like the params or the stats)
+_STATE_TREES = ("params", "stats", "momentum", "grads", "ema_params", "ema_stats")
+
+
 def _to_pure(state: T.TrainState) -> dict:
     d = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-    d["params"], d["stats"] = nnx.to_pure_dict(d["params"]), nnx.to_pure_dict(d["stats"])
+    for k in _STATE_TREES:
+        d[k] = nnx.to_pure_dict(d[k])
     if d["aux"] is None:  # no adapters: the state has the layout it always had
         del d["aux"]
     return d
 
 
 def _from_pure(d: dict, template: T.TrainState) -> T.TrainState:
-    params, stats = template.params, template.stats
-    params = jax.tree.map(lambda x: x, params)
-    stats = jax.tree.map(lambda x: x, stats)
-    nnx.replace_by_pure_dict(params, d["params"])
-    nnx.replace_by_pure_dict(stats, d["stats"])
+    trees = {}
+    for k in _STATE_TREES:
+        tree = jax.tree.map(lambda x: x, getattr(template, k))
+        nnx.replace_by_pure_dict(tree, d[k])
+        trees[k] = tree
     aux = None if template.aux is None else jax.tree.map(jnp.asarray, d["aux"])
-    return template.replace(**{**{k: jnp.asarray(v) for k, v in d.items() if k not in ("params", "stats", "aux")},
-                               "params": params, "stats": stats, "aux": aux})
+    rest = {k: jnp.asarray(v) for k, v in d.items() if k not in _STATE_TREES + ("aux",)}
+    return template.replace(**rest, **trees, aux=aux)
 
 
 class _NullWriter:

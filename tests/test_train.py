@@ -63,8 +63,7 @@ def test_sgd_matches_torch_nesterov_groups():
     tp = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params.items()}
     topt = torch.optim.SGD([{"params": [tp["g"]]}, {"params": [tp["w"]], "weight_decay": 5e-3},
                             {"params": [tp["b"]]}], lr=0.1, momentum=0.9, nesterov=True)
-    layout = T.FlatLayout(params, groups)
-    opt = T.yolo_sgd(layout)
+    opt = T.yolo_sgd(groups)
     jp = {k: jnp.asarray(v) for k, v in params.items()}
     buf = opt.init(jp)
     for it, (lr_b, lr_o, mom) in enumerate([(0.1, 0.0, 0.8), (0.05, 0.02, 0.85), (0.01, 0.01, 0.937)]):
@@ -75,9 +74,9 @@ def test_sgd_matches_torch_nesterov_groups():
         for k in tp:
             tp[k].grad = torch.tensor(grads[k])
         topt.step()
-        upd, buf = opt.update(layout.flat(grads), buf, layout.flat(jp), lr_bias=lr_b, lr_other=lr_o,
+        upd, buf = opt.update({k: jnp.asarray(v) for k, v in grads.items()}, buf, jp, lr_bias=lr_b, lr_other=lr_o,
                               momentum=jnp.float32(mom), weight_decay=jnp.float32(5e-3))
-        jp = layout.unflat(layout.flat(jp) + upd)
+        jp = jax.tree.map(jnp.add, jp, upd)
         for k in tp:
             np.testing.assert_allclose(np.asarray(jp[k]), tp[k].detach().numpy(), rtol=1e-5, atol=1e-6,
                                        err_msg=f"{k} after step {it}")
@@ -99,20 +98,20 @@ def test_accumulation_and_ema_follow_the_step_counter(single):
     det, step = single
     hyp = H.as_arrays(case.hyps()[0])  # warm-up 0 epochs -> the 1-iteration floor; nominal batch = 2 x batch
     st = T.init_state(det)
-    layout = T.param_layout(det)
+    flat = lambda tree: np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
     did = []
     for i in range(5):
-        before, ema_before = st.params, np.asarray(st.ema_params)
+        before, ema_before = flat(st.params), flat(st.ema_params)
         st, m = step(st, case.batch(0), hyp, jax.random.key(i))
         did.append(bool(m["optimizer_step"]))
-        changed = not np.array_equal(layout.flat(before), layout.flat(st.params))
+        changed = not np.array_equal(before, flat(st.params))
         assert changed == did[-1]
         if did[-1]:  # ema <- d ema + (1 - d) weights, d = 0.9999 (1 - exp(-updates / 2000))
             d = 0.9999 * (1 - math.exp(-int(st.ema_updates) / 2000))
-            want = d * ema_before + (1 - d) * np.asarray(layout.flat(st.params))
-            np.testing.assert_allclose(np.asarray(st.ema_params), want, rtol=1e-5, atol=1e-7)
+            want = d * ema_before + (1 - d) * flat(st.params)
+            np.testing.assert_allclose(flat(st.ema_params), want, rtol=1e-5, atol=1e-7)
         else:
-            np.testing.assert_array_equal(np.asarray(st.ema_params), ema_before)
+            np.testing.assert_array_equal(flat(st.ema_params), ema_before)
     # accumulate = round(1 + frac) is 1 at ni=0 and 2 from ni=1 (end of warm-up) on; a step happens
     # when ni - last_opt_step >= accumulate
     assert did == [True, False, True, False, True]
