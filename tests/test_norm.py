@@ -32,8 +32,11 @@ def test_batch_norm_act_matches_autodiff_of_the_plain_formula(act, shape):
 
     fused = batch_norm_act(x, weight, bias, fn, EPS)
     ref = plain(x, weight, bias, fn)
-    for a, b in zip(fused, ref):  # same formula, same order: the same float32 values
+    for a, b in zip(fused[1:], ref[1:]):  # the statistics: same formula, same order, same values
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # silu is written z / (1 + e^-z) there, z·σ(z) here: equal within rounding; the others exactly
+    np.testing.assert_allclose(np.asarray(fused[0]), np.asarray(ref[0]), rtol=1e-6 if act == "silu" else 0,
+                               atol=1e-6 if act == "silu" else 0)
 
     loss = lambda f: (lambda x, w, b: jnp.sum(jnp.tanh(f(x, w, b, fn)[0]) * probe))
     g_fused = jax.grad(loss(lambda *a: batch_norm_act(*a, EPS)), (0, 1, 2))(x, weight, bias)
