@@ -109,16 +109,20 @@ def init_state(detector, aux_params=None) -> TrainState:
     same optimiser but that are no part of the detector (e.g. distillation adapters)."""
     detector._require_values("train")
     _, params, stats = _split(detector.model)
-    zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), tree)
     copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, jnp.float32), tree)
     i32 = lambda v: jnp.asarray(v, jnp.int32)
     aux = None
     if aux_params is not None:
         aux_params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), aux_params)
-        aux = {"params": aux_params, "momentum": zeros(aux_params), "grads": zeros(aux_params)}
-    return TrainState(step=i32(0), params=params, stats=stats, momentum=zeros(params), grads=zeros(params),
+        aux = {"params": aux_params, "momentum": _zeros_f32(aux_params), "grads": _zeros_f32(aux_params)}
+    return TrainState(step=i32(0), params=params, stats=stats, momentum=_zeros_f32(params), grads=_zeros_f32(params),
                       last_opt_step=i32(-1), ema_params=copy(params), ema_stats=copy(stats), ema_updates=i32(0),
                       nonfinite_run=i32(0), nonfinite_total=i32(0), aux=aux)
+
+
+def _zeros_f32(tree):
+    """Float32 zeros shaped like each leaf of `tree` (optimiser buffers, summed gradients)."""
+    return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), tree)
 
 
 def aux_groups(aux_params) -> Any:
@@ -201,7 +205,7 @@ def yolo_sgd(groups) -> optax.GradientTransformationExtraArgs:
     """
 
     def init(params):
-        return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+        return _zeros_f32(params)
 
     def update(grads, buffers, params, *, lr_bias, lr_other, momentum, weight_decay):
         def leaf(group, g, buf, p):
