@@ -3,7 +3,7 @@ each member's last validation metrics: the fair way to compare a search's winner
 
     python benchmarks/compare_hyps.py --model yolov4n --data configs/data/coco128.yaml \
         --weights runs/pre/weights/last --img 256 --batch 16 --epochs 8 \
-        --out runs/compare scratch-s runs/search/NAME/best_hyp.yaml
+        --out runs/compare reference-s runs/search/NAME/best_hyp.yaml
 """
 
 from __future__ import annotations

@@ -27,13 +27,24 @@ CHECKPOINT_FORMAT = "jaxyolo-detector/1"
 class Detector:
     """A YOLO network with its table and options, and the operations users need on it.
 
-    `model` is the Flax NNX module; `spec` the resolved table; `options` how it was built.
+    `model` is the Flax NNX module; `spec` the resolved table; `options` how it was built;
+    `training` how its weights were trained (None for a fresh or imported model): a JSON-able dict
+    with at least `img_size`, and the `hyp` and `recipe` of the run, saved with the checkpoint so
+    that evaluation and prediction default to the training size.
     """
 
-    def __init__(self, model: YOLO, table: dict, names: tuple[str, ...] | None = None):
+    def __init__(self, model: YOLO, table: dict, names: tuple[str, ...] | None = None,
+                 training: dict | None = None):
         self.model = model
         self.table = table  # the raw table, kept so save/load rebuild the same network
         self.names = tuple(names) if names is not None else tuple(str(i) for i in range(model.spec.nc))
+        self.training = training
+
+    @property
+    def img_size(self) -> int | None:
+        """The square size the weights were trained at, when known."""
+        size = (self.training or {}).get("img_size")
+        return int(size) if size else None
 
     # -- description -------------------------------------------------------------------------
     @property
@@ -130,7 +141,7 @@ class Detector:
         the head convs and, if `bn`, BatchNorms folded into the convs. Outputs are unchanged."""
         if kst_index is not None:
             self._check_kst_index(kst_index)
-        return Detector(fold_model(self.model, kst_index=kst_index, bn=bn), self.table, self.names)
+        return Detector(fold_model(self.model, kst_index=kst_index, bn=bn), self.table, self.names, self.training)
 
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":
         """The reference PyTorch state_dict (numpy arrays keyed by PyTorch names, in order).
@@ -169,7 +180,8 @@ class Detector:
         path = Path(path).absolute()
         meta = {"format": CHECKPOINT_FORMAT, "name": self.spec.name, "table": self.table,
                 "nc": self.spec.nc, "anchors": [[v for wh in lvl for v in wh] for lvl in self.spec.anchors],
-                "options": dataclasses.asdict(self.options), "names": list(self.names)}
+                "options": dataclasses.asdict(self.options), "names": list(self.names),
+                "training": self.training}
         state = nnx.to_pure_dict(nnx.state(self.model))
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
             ckptr.save(path, ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -253,6 +265,10 @@ def load(path: str | Path) -> Detector:
     names = meta.get("names")
     if isinstance(names, list) and len(names) == det.num_classes:
         det.names = tuple(str(n) for n in names)
+    training = meta.get("training")
+    if training is not None and not (isinstance(training, dict) and isinstance(training.get("img_size"), int)):
+        raise CheckpointError(f"{path}: checkpoint description has a malformed 'training' entry")
+    det.training = training
     return det
 
 

@@ -17,7 +17,9 @@ import yaml
 
 from jaxyolo.errors import ConfigError
 
-DEFAULT_FILE = "scratch-s"
+DEFAULT_FILE = "default"
+# bundled names of earlier releases: a clear message instead of "no such file"
+RENAMED = {"scratch-s": "reference-s", "scratch-csp": "reference-csp"}
 
 # keys the train step reads; each is a float scalar except `balance` (one weight per level)
 KEYS = (
@@ -31,6 +33,18 @@ KEYS = (
 # keys reference files carry that do not change this implementation (accepted, not used)
 IGNORED = {"iou_t": "unused by the loss", "anchors": "anchors come from the model table",
            "copy_paste": "copy-paste augmentation needs segments", "paste_in": "needs segments"}
+
+# Settings of a recipe that shape the whole run rather than one member's step: a hyp file may
+# carry them, they hold for a whole population and are not searchable (`load_recipe`). A file
+# without them (a yolov5 / ScaledYOLOv4 one) gets these defaults, the ones that learn on small
+# data at small image sizes; `reference-s` sets the reference's values.
+RECIPE_DEFAULTS = {
+    "gain_rule": "scaled",  # see `loss_gains`
+    "min_warmup_iters": 100,  # floor on warm-up iterations (the reference: 1000)
+    "close_mosaic": 0,  # epochs at the end trained without mosaic
+    "autoanchor": False,  # refit the anchors to the data when they cover it badly (`jaxyolo.anchors`)
+}
+GAIN_RULES = ("scaled", "reference")
 RANGES = {  # (low, high) sanity bounds; a value outside is an error naming the key
     # (translate up to 1: the reference evolution meta table allows 0.9, and the warp handles any
     # value, an image moved out of the frame just loses its boxes)
@@ -52,7 +66,7 @@ def available() -> list[str]:
 
 def load_hyp(source: str | Path | Mapping | None = None, *, num_levels: int = 3,
              overrides: Mapping | None = None) -> dict[str, float | list]:
-    """Read a hyp file (a bundled name such as 'scratch-s', a path, or a dict) into plain Python
+    """Read a hyp file (a bundled name such as 'default', a path, or a dict) into plain Python
     values, checked: missing keys take the bundled default, unknown keys are an error naming
     them, out-of-range values are an error naming the key."""
     defaults = _read(DEFAULT_FILE)
@@ -65,7 +79,7 @@ def load_hyp(source: str | Path | Mapping | None = None, *, num_levels: int = 3,
     raw = {**raw, **(overrides or {})}
     if "giou" in raw and "box" not in raw:  # the 2020 name of the box gain
         raw["box"] = raw.pop("giou")
-    unknown = sorted(set(raw) - set(KEYS) - set(IGNORED) - {"fl_gamma", "giou"})
+    unknown = sorted(set(raw) - set(KEYS) - set(IGNORED) - set(RECIPE_DEFAULTS) - {"fl_gamma", "giou"})
     if unknown:
         raise ConfigError(f"{where}: unknown hyper-parameter(s) {unknown}; known: {sorted(KEYS)}")
     if float(raw.get("fl_gamma", 0.0) or 0.0) != 0.0:
@@ -99,11 +113,56 @@ def _balance(v, num_levels: int, where: str) -> list[float]:
     return v
 
 
+def load_recipe(source: str | Path | Mapping | None = None, *, overrides: Mapping | None = None) -> dict:
+    """The run-level settings (`RECIPE_DEFAULTS` keys) of a hyp file, a bundled name or a dict,
+    each checked; `overrides` (e.g. command-line flags) win where not None."""
+    if source is None:
+        raw, where = _read(DEFAULT_FILE), DEFAULT_FILE
+    elif isinstance(source, Mapping):
+        raw, where = dict(source), "hyp dict"
+    else:
+        raw, where = _read(source), str(source)
+    out = dict(RECIPE_DEFAULTS)
+    out.update({k: raw[k] for k in RECIPE_DEFAULTS if k in raw})
+    out.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if out["gain_rule"] not in GAIN_RULES:
+        raise ConfigError(f"{where}: gain_rule={out['gain_rule']!r}: expected one of {GAIN_RULES}")
+    for k in ("min_warmup_iters", "close_mosaic"):
+        v = out[k]
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ConfigError(f"{where}: {k}: expected an integer >= 0, got {v!r}")
+        out[k] = int(v)
+    if not isinstance(out["autoanchor"], bool):
+        raise ConfigError(f"{where}: autoanchor: expected true or false, got {out['autoanchor']!r}")
+    return out
+
+
+def loss_gains(hyp: Mapping, *, nc: int, img_size: int, rule: str) -> dict:
+    """`hyp` with the box/obj/cls gains the loss should use for `nc` classes at `img_size`.
+
+    The loss (`jaxyolo.loss.yolo_loss`) averages objectness over every cell and the class term over
+    every class of the assigned cells, then scales all three by 3 / levels. So, for the per-logit
+    gradients to keep the balance a hyp file was tuned for (80 classes at 640 px):
+
+    * "reference" (spec §9): cls × nc / 80; obj as given. At 128 px a cell's objectness gradient
+      is then (640 / 128)² = 25 × what it is at 640, which drowns the class term.
+    * "scaled": also obj × (img_size / 640)², as yolov5 / ultralytics scale it.
+    """
+    if rule not in GAIN_RULES:
+        raise ConfigError(f"gain_rule={rule!r}: expected one of {GAIN_RULES}")
+    out = {**hyp, "cls": hyp["cls"] * (nc / 80.0)}
+    if rule == "scaled":
+        out["obj"] = hyp["obj"] * (img_size / 640.0) ** 2
+    return out
+
+
 def _read(source: str | Path) -> dict:
     path = Path(source)
     if not path.suffix and not path.exists():
         path = Path(str(resources.files("jaxyolo.configs").joinpath("hyp", f"{source}.yaml")))
         if not path.exists():
+            if str(source) in RENAMED:
+                raise ConfigError(f"hyp {source!r} is now called {RENAMED[str(source)]!r}; bundled: {available()}")
             raise ConfigError(f"hyp {source!r}: no such file; bundled: {available()}")
     if not path.exists():
         raise ConfigError(f"hyp file {path}: not found")

@@ -48,6 +48,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxyolo.errors import ConfigError
+from jaxyolo.hyp import GAIN_RULES, loss_gains
 from jaxyolo.loss import yolo_loss
 from jaxyolo.models import layers as L
 
@@ -64,8 +65,9 @@ class TrainConfig:
     batch_size: int  # images per iteration, over all devices
     img_size: int
     nominal_batch: int = 64
-    min_warmup_iters: int = 1000  # the reference's floor on warm-up iterations
+    min_warmup_iters: int = 100  # floor on warm-up iterations (the reference's: 1000)
     schedule: str = "cosine"
+    gain_rule: str = "scaled"  # how loss gains follow classes and image size (`jaxyolo.hyp.loss_gains`)
     augment: bool = True  # on-device augmentation (jaxyolo.augment) from the host's mosaic/single images
 
     def __post_init__(self):
@@ -75,6 +77,8 @@ class TrainConfig:
                 raise ConfigError(f"{name}: expected a positive integer, got {v!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule: must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.gain_rule not in GAIN_RULES:
+            raise ConfigError(f"gain_rule: must be one of {GAIN_RULES}, got {self.gain_rule!r}")
 
     @property
     def accumulate(self) -> int:
@@ -254,9 +258,9 @@ class StepCore:
         return batch_images(batch), batch["boxes"], batch["classes"], batch["mask"]
 
     def detection_loss(self, raw, boxes, classes, mask, hyp):
-        """The reference loss (`jaxyolo.loss.yolo_loss`) with cls gain × nc/80 (spec §9)."""
+        """The reference loss (`jaxyolo.loss.yolo_loss`) with the gains of `config.gain_rule`."""
         spec = self.spec
-        loss_hyp = {**hyp, "cls": hyp["cls"] * (spec.nc / 80.0)}  # spec §9: hyp['cls'] *= nc / 80
+        loss_hyp = loss_gains(hyp, nc=spec.nc, img_size=self.config.img_size, rule=self.config.gain_rule)
         return yolo_loss(raw, boxes, classes, mask, anchors=spec.anchors, strides=spec.strides, hyp=loss_hyp)
 
     def update(self, state: TrainState, total, grads, new_stats, hyp, aux_grads=None):
@@ -418,7 +422,7 @@ def ema_detector(detector, state: TrainState, *, ema: bool = True):
     else:
         params = jax.tree.map(jnp.asarray, state.params)
         stats = jax.tree.map(jnp.asarray, state.stats)
-    return Detector(nnx.merge(graphdef, params, stats), detector.table, detector.names)
+    return Detector(nnx.merge(graphdef, params, stats), detector.table, detector.names, detector.training)
 
 
 def _split(model):

@@ -59,7 +59,7 @@ class TrainingError(JaxyoloError):
 class TrainOptions:
     model: str = "yolov4s"
     data: str = "synthetic"  # see jaxyolo.data.sources.open_dataset
-    hyp: Any = "scratch-s"  # bundled name, path or mapping (reference key names)
+    hyp: Any = "default"  # bundled name, path or mapping (reference key names), with its recipe keys
     img_size: int = 640
     batch_size: int = 64  # images per iteration over all devices
     epochs: int = 300
@@ -74,7 +74,11 @@ class TrainOptions:
     max_boxes: int = 100
     workers: int = 0
     nominal_batch: int = 64
-    min_warmup_iters: int = 1000
+    # None: the hyp file's recipe value (jaxyolo.hyp.RECIPE_DEFAULTS where the file has none)
+    min_warmup_iters: int | None = None
+    gain_rule: str | None = None  # "scaled" or "reference" (jaxyolo.hyp.loss_gains)
+    close_mosaic: int | None = None  # last epochs without mosaic
+    autoanchor: bool | None = None  # refit anchors that cover the data badly (jaxyolo.anchors)
     schedule: str = "cosine"
     eval_every: int = 1  # epochs; the last epoch is always evaluated
     eval_batch_size: int = 16
@@ -131,9 +135,15 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         train_ds = Subset(train_ds, range(min(options.subset, len(train_ds))))
     if train_ds.num_classes != val_ds.num_classes:
         raise ConfigError(f"data {options.data}: train has {train_ds.num_classes} classes, val {val_ds.num_classes}")
+    recipe = run_recipe(options)
     det = _initial_detector(options, train_ds.num_classes)
+    teacher = _teacher(options)
+    anchors = _run_anchors(options, recipe, det, teacher, train_ds)
+    if anchors is not None:
+        det = _initial_detector(options, train_ds.num_classes, anchors=anchors)
+    if teacher is not None:
+        D.check_compatible(det, teacher)
     det.names = tuple(train_ds.names)
-    teacher = _teacher(options, det)
     nl = len(det.spec.strides)
     hyp_list = [H.load_hyp(h, num_levels=nl) for h in (hyps or [options.hyp])]
     if teacher is not None and D.kd_weights_zero(hyp_list):
@@ -150,7 +160,8 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
                           f"of {options.batch_size}")
     cfg = T.TrainConfig(epochs=options.epochs, batches_per_epoch=nb, batch_size=options.batch_size,
                         img_size=options.img_size, nominal_batch=options.nominal_batch,
-                        min_warmup_iters=options.min_warmup_iters, schedule=options.schedule, augment=True)
+                        min_warmup_iters=recipe["min_warmup_iters"], schedule=options.schedule,
+                        gain_rule=recipe["gain_rule"], augment=True)
     mesh = _mesh(pop, options)
     pop_sharding = NamedSharding(mesh, P("pop"))
     data_sharding = NamedSharding(mesh, P("data"))
@@ -165,6 +176,10 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         init_one = lambda d, seed: D.init_state(d, teacher, features=options.kd_features, seed=seed)
     use_mosaic = any(h["mosaic"] > 0 for h in hyp_list)
     hyp_arr = jax.device_put(H.stack(hyp_list), pop_sharding)
+    # the last `close_mosaic` epochs train on single images (same arrays, same compiled step)
+    hyp_closed = jax.device_put(H.stack([{**h, "mosaic": 0.0} for h in hyp_list]), pop_sharding)
+    first_closed = options.epochs - recipe["close_mosaic"]
+    det.training = {"img_size": options.img_size, "recipe": recipe, "hyp": hyp_list[0], "data": str(options.data)}
     graphdef = nnx.split(det.model, nnx.Param, nnx.BatchStat)[0]
 
     store = _StateStore(out / "state")
@@ -203,59 +218,62 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         store.save(state, {**meta, "step": step, "best_fitness": best, "elapsed": time.time() - t_start,
                            "epoch_sums": epoch_sums})
 
-    while step < cfg.total_iters:
-        epoch, start_batch = divmod(step, nb)
-        batches = train_batches(train_ds, img_size=options.img_size, batch_size=options.batch_size,
-                                max_boxes=options.max_boxes, seed=options.seed, epoch=epoch, mosaic=use_mosaic,
-                                start_batch=start_batch, num_workers=options.workers)
-        sums, count, pending = None, 0, None
-        if start_batch and resumed_sums:  # the epoch's running averages continue exactly
-            count = np.asarray(resumed_sums["count"], np.int64)
-            sums = {k: np.asarray(v, np.float32) for k, v in resumed_sums.items() if k != "count"}
-        resumed_sums = None
-        for batch in batches:
-            batch = {k: v for k, v in batch.items() if k not in ("index", "overflow", "mosaic_overflow")}
-            keys = jax.random.split(jax.random.fold_in(base_key, step), pop)
-            state, metrics = step_fn(state, *shared, jax.device_put(batch, data_sharding), hyp_arr, keys)
-            if pending is not None:  # read the previous step's metrics while this one runs
-                sums, count = _accumulate(sums, count, pending, options, step - 1, emit)
-            pending = metrics
-            step += 1
-            if options.save_every and step % options.save_every == 0 and step % nb:
-                events: list[dict] = []  # announced once the state that follows them is on disk
-                sums, count = _accumulate(sums, count, pending, options, step - 1, events.append)
-                pending = None
-                save(state, sums, count)
-                for event in events:
-                    emit(event)
-        sums, count = _accumulate(sums, count, pending, options, step - 1, emit)  # an epoch ends on a step
-        last_epoch = step >= cfg.total_iters
-        if (epoch + 1) % options.eval_every == 0 or last_epoch:
-            results = _evaluate(graphdef, det, state, hyp_arr, val_ds, options)
-        else:
-            results = [None] * pop
-        rows = []
-        for m in range(pop):
-            row = _row(epoch, step, time.time() - t_start, sums, count, m, results[m], pop,
-                       float(np.asarray(pending["lr"])[m]))
-            rows.append(row)
-            if results[m] is not None and options.save_weights:
-                member_det = T.ema_detector(det, T.member(jax.device_get(state), m))
-                folder = out / "weights" / (f"member{m}" if pop > 1 else "")
-                _save_detector(member_det, folder / "last")
-                if row["fitness"] > best[m]:
-                    best[m] = row["fitness"]
-                    _save_detector(member_det, folder / "best")
-        history.extend(rows)
-        _write_csv(out / "results.csv", history)
-        if results[0] is not None and options.plots:
-            _eval_plots(out, results[0], val_ds)
-        for row in rows:
-            tb.scalars({k: v for k, v in row.items() if isinstance(v, float) and np.isfinite(v)},
-                       step=epoch, prefix=f"member{row['member']}/" if pop > 1 else "")
-        save(state, None, None)
-        emit({"event": "epoch", "epoch": epoch, "epochs": options.epochs, "rows": rows})
-    store.wait()
+    try:
+        while step < cfg.total_iters:
+            epoch, start_batch = divmod(step, nb)
+            batches = train_batches(train_ds, img_size=options.img_size, batch_size=options.batch_size,
+                                    max_boxes=options.max_boxes, seed=options.seed, epoch=epoch, mosaic=use_mosaic,
+                                    start_batch=start_batch, num_workers=options.workers)
+            sums, count, pending = None, 0, None
+            if start_batch and resumed_sums:  # the epoch's running averages continue exactly
+                count = np.asarray(resumed_sums["count"], np.int64)
+                sums = {k: np.asarray(v, np.float32) for k, v in resumed_sums.items() if k != "count"}
+            resumed_sums = None
+            for batch in batches:
+                batch = {k: v for k, v in batch.items() if k not in ("index", "overflow", "mosaic_overflow")}
+                keys = jax.random.split(jax.random.fold_in(base_key, step), pop)
+                hyp_now = hyp_closed if epoch >= first_closed else hyp_arr
+                state, metrics = step_fn(state, *shared, jax.device_put(batch, data_sharding), hyp_now, keys)
+                if pending is not None:  # read the previous step's metrics while this one runs
+                    sums, count = _accumulate(sums, count, pending, options, step - 1, emit)
+                pending = metrics
+                step += 1
+                if options.save_every and step % options.save_every == 0 and step % nb:
+                    events: list[dict] = []  # announced once the state that follows them is on disk
+                    sums, count = _accumulate(sums, count, pending, options, step - 1, events.append)
+                    pending = None
+                    save(state, sums, count)
+                    for event in events:
+                        emit(event)
+            sums, count = _accumulate(sums, count, pending, options, step - 1, emit)  # an epoch ends on a step
+            last_epoch = step >= cfg.total_iters
+            if (epoch + 1) % options.eval_every == 0 or last_epoch:
+                results = _evaluate(graphdef, det, state, hyp_arr, val_ds, options, recipe["gain_rule"])
+            else:
+                results = [None] * pop
+            rows = []
+            for m in range(pop):
+                row = _row(epoch, step, time.time() - t_start, sums, count, m, results[m], pop,
+                           float(np.asarray(pending["lr"])[m]))
+                rows.append(row)
+                if results[m] is not None and options.save_weights:
+                    member_det = T.ema_detector(det, T.member(jax.device_get(state), m))
+                    folder = out / "weights" / (f"member{m}" if pop > 1 else "")
+                    _save_detector(member_det, folder / "last")
+                    if row["fitness"] > best[m]:
+                        best[m] = row["fitness"]
+                        _save_detector(member_det, folder / "best")
+            history.extend(rows)
+            _write_csv(out / "results.csv", history)
+            if results[0] is not None and options.plots:
+                _eval_plots(out, results[0], val_ds)
+            for row in rows:
+                tb.scalars({k: v for k, v in row.items() if isinstance(v, float) and np.isfinite(v)},
+                           step=epoch, prefix=f"member{row['member']}/" if pop > 1 else "")
+            save(state, None, None)
+            emit({"event": "epoch", "epoch": epoch, "epochs": options.epochs, "rows": rows})
+    finally:  # a run that stops on an error still leaves its last state complete
+        store.wait()
     tb.close()
     final = jax.device_get(state)
     dets = []
@@ -278,7 +296,27 @@ def _augment(key, hyp, batch, out_size):
                          out_size=out_size)
 
 
-def _initial_detector(options: TrainOptions, nc: int):
+def run_recipe(options: TrainOptions) -> dict:
+    """The run-level settings of `options`: its hyp file's recipe keys, then the options that are set."""
+    return H.load_recipe(options.hyp, overrides={k: getattr(options, k) for k in H.RECIPE_DEFAULTS})
+
+
+def _run_anchors(options: TrainOptions, recipe: dict, det, teacher, train_ds):
+    """The anchors a fresh model should take instead of its table's (None: keep them): with
+    `autoanchor`, the teacher's when distilling (student and teacher must predict alike), else the
+    table's refitted to the training boxes when they cover them badly (`jaxyolo.anchors`)."""
+    if not recipe["autoanchor"] or options.weights:
+        return None
+    if teacher is not None:
+        return [[v for wh in lvl for v in wh] for lvl in teacher.spec.anchors]
+    from jaxyolo.anchors import check_anchors
+
+    anchor_t = float(H.load_hyp(options.hyp, num_levels=len(det.spec.strides))["anchor_t"])
+    rows, _ = check_anchors(train_ds, det.spec.anchors, options.img_size, anchor_t, seed=options.seed)
+    return rows
+
+
+def _initial_detector(options: TrainOptions, nc: int, anchors=None):
     import jaxyolo
 
     if options.weights:
@@ -289,7 +327,7 @@ def _initial_detector(options: TrainOptions, nc: int):
             raise ConfigError(f"weights {w}: {det.num_classes} classes, the data has {nc}")
         return det
     return jaxyolo.create_model(options.model, num_classes=nc, kst=options.kst, head=options.head, act=options.act,
-                                kst_draw=options.kst_draw, dtype=options.dtype, seed=options.seed)
+                                kst_draw=options.kst_draw, dtype=options.dtype, anchors=anchors, seed=options.seed)
 
 
 def initial_population(options: TrainOptions, det, pop: int, init_one=None) -> T.TrainState:
@@ -301,22 +339,21 @@ def initial_population(options: TrainOptions, det, pop: int, init_one=None) -> T
     made = {options.seed: det}  # one detector per distinct seed
     for s in options.init_seeds:
         if s not in made:
-            made[s] = _initial_detector(dataclasses.replace(options, seed=s), det.num_classes)
+            made[s] = _initial_detector(dataclasses.replace(options, seed=s), det.num_classes,
+                                        anchors=[[v for wh in lvl for v in wh] for lvl in det.spec.anchors])
     members = [init_one(made[s], s) for s in options.init_seeds]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *members)
 
 
-def _teacher(options: TrainOptions, student):
-    """The teacher detector of a distillation run (None without one), checked against the student."""
+def _teacher(options: TrainOptions):
+    """The teacher detector of a distillation run (None without one)."""
     if not options.teacher:
         if options.kd_features:
             raise ConfigError("kd_features: feature imitation needs a teacher (--teacher)")
         return None
     import jaxyolo
 
-    teacher = jaxyolo.load(Path(options.teacher))
-    D.check_compatible(student, teacher)
-    return teacher
+    return jaxyolo.load(Path(options.teacher))
 
 
 def _mesh(pop: int, options: TrainOptions):
@@ -355,8 +392,9 @@ def _accumulate(sums, count, metrics, options, step, emit):
     return sums, count
 
 
-def _evaluate(graphdef, det, state, hyp_arr, val_ds, options):
-    return validate_population(graphdef, det.spec, state.ema_params, state.ema_stats, hyp_arr, val_ds, img_size=options.img_size,
+def _evaluate(graphdef, det, state, hyp_arr, val_ds, options, gain_rule):
+    return validate_population(graphdef, det.spec, state.ema_params, state.ema_stats, hyp_arr, val_ds,
+                               img_size=options.img_size, gain_rule=gain_rule,
                                batch_size=options.eval_batch_size, conf_thres=options.conf_thres,
                                iou_thres=options.iou_thres, max_boxes=options.max_boxes)
 
@@ -454,7 +492,11 @@ def _jsonable(d: dict) -> dict:
 
 
 class _StateStore:
-    """The training state as an Orbax checkpoint (latest only), with its JSON description."""
+    """The training state as an Orbax checkpoint (latest only), with its JSON description.
+
+    Saves are asynchronous: the state is copied to host memory first (the step donates its
+    buffers), then written while training goes on; Orbax commits a step only once it is complete,
+    so a kill mid-write leaves the previous state as the latest."""
 
     def __init__(self, path: Path):
         import orbax.checkpoint as ocp
@@ -467,7 +509,7 @@ class _StateStore:
         if self._mgr is None:
             ocp = self._ocp
             self._mgr = ocp.CheckpointManager(self.path, options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, enable_async_checkpointing=False), item_names=("state", "meta"))
+                max_to_keep=1, enable_async_checkpointing=True), item_names=("state", "meta"))
         return self._mgr
 
     def exists(self) -> bool:
@@ -475,8 +517,9 @@ class _StateStore:
 
     def save(self, state, meta: dict) -> None:
         ocp = self._ocp
+        host = jax.tree.map(np.array, jax.device_get(_to_pure(state)))  # a copy the next step cannot touch
         self._manager().save(int(meta["step"]), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_to_pure(state)), meta=ocp.args.JsonSave(_jsonable(meta))), force=True)
+            state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(_jsonable(meta))), force=True)
 
     def restore(self, template):
         ocp = self._ocp

@@ -22,6 +22,7 @@ from flax import nnx
 from jaxyolo.data.dataset import DetectionDataset
 from jaxyolo.data.pipeline import eval_batches, pad_boxes, unletterbox_boxes
 from jaxyolo.evaluate import detections_to_coco, evaluate_predictions, nms, split_detections
+from jaxyolo.hyp import loss_gains
 from jaxyolo.loss import yolo_loss
 from jaxyolo.models.heads import decode
 
@@ -53,13 +54,13 @@ def letterboxed_targets(dataset: DetectionDataset, batch: dict, max_boxes: int):
     return boxes, classes, mask
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _population_eval(graphdef, anchors, strides, nc, max_det, params, stats, images, boxes, classes, mask, hyp,
-                     conf, iou):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _population_eval(graphdef, anchors, strides, nc, max_det, gain_rule, params, stats, images, boxes, classes, mask,
+                     hyp, conf, iou):
     def one(p, s, h):
         model = nnx.merge(graphdef, p, s, copy=True)
         raw = model(images, train=False)
-        loss_hyp = {**h, "cls": h["cls"] * (nc / 80.0)}
+        loss_hyp = loss_gains(h, nc=nc, img_size=images.shape[1], rule=gain_rule)
         _, terms = yolo_loss(raw, boxes, classes, mask, anchors=anchors, strides=strides, hyp=loss_hyp)
         dets = nms(decode(raw, anchors, strides), conf_thres=conf, iou_thres=iou, max_det=max_det)
         return terms, dets
@@ -70,9 +71,10 @@ def _population_eval(graphdef, anchors, strides, nc, max_det, params, stats, ima
 def validate_population(graphdef, spec, params, stats, hyp, dataset: DetectionDataset, *, img_size: int,
                         batch_size: int = 16, conf_thres: float = DEFAULT_CONF, iou_thres: float = DEFAULT_IOU_TRAIN,
                         max_det: int = DEFAULT_MAX_DET, max_boxes: int = 100, workers: int = 0,
-                        keep_detections: bool = False,
+                        keep_detections: bool = False, gain_rule: str = "scaled",
                         progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Metrics of every member: params/stats/hyp carry a leading population axis P.
+    """Metrics of every member: params/stats/hyp carry a leading population axis P. The loss
+    uses the gains of `gain_rule` (`jaxyolo.hyp.loss_gains`), as the training run did.
 
     Returns per member {"loss": {"local": (L, 3), "global": (3,)} averaged over batches,
     "coco": ..., "voc": ..., "per_class": [...], "fitness": float} and, with `keep_detections`,
@@ -85,8 +87,9 @@ def validate_population(graphdef, spec, params, stats, hyp, dataset: DetectionDa
     for b, batch in enumerate(batches):
         boxes, classes, mask = letterboxed_targets(dataset, batch, max_boxes)
         images = jnp.asarray(batch["image"], jnp.float32) / 255.0
-        terms, dets = _population_eval(graphdef, spec.anchors, spec.strides, spec.nc, max_det, params, stats, images,
-                                       boxes, classes, mask, hyp, jnp.float32(conf_thres), jnp.float32(iou_thres))
+        terms, dets = _population_eval(graphdef, spec.anchors, spec.strides, spec.nc, max_det, gain_rule, params, stats,
+                                       images, boxes, classes, mask, hyp, jnp.float32(conf_thres),
+                                       jnp.float32(iou_thres))
         local_sum = local_sum + np.asarray(terms["local"])
         n_batches += 1
         for m in range(pop):
@@ -113,15 +116,21 @@ def validate_population(graphdef, spec, params, stats, hyp, dataset: DetectionDa
     return out
 
 
-def validate(detector, dataset: DetectionDataset, *, img_size: int = 640, batch_size: int = 16,
+def validate(detector, dataset: DetectionDataset, *, img_size: int | None = None, batch_size: int = 16,
              conf_thres: float = DEFAULT_CONF, iou_thres: float = DEFAULT_IOU_TEST, hyp=None, **kw) -> dict:
-    """Metrics of one detector on a dataset (the standalone test: NMS IoU 0.65 by default)."""
+    """Metrics of one detector on a dataset (the standalone test: NMS IoU 0.65 by default).
+
+    `img_size`, the loss's `hyp` and its gain rule default to those the detector was trained with
+    (`Detector.training`), else 640 px and the default hyps."""
     from jaxyolo import hyp as H
 
     detector._require_values("validate")
+    training = detector.training or {}
+    img_size = img_size or detector.img_size or 640
+    kw.setdefault("gain_rule", (training.get("recipe") or {}).get("gain_rule", H.RECIPE_DEFAULTS["gain_rule"]))
     graphdef, params, stats = nnx.split(detector.model, nnx.Param, nnx.BatchStat)
     add = lambda t: jax.tree.map(lambda x: x[None], t)  # noqa: E731
-    hp = H.as_arrays(H.load_hyp(hyp, num_levels=len(detector.spec.strides)))
+    hp = H.as_arrays(H.load_hyp(hyp if hyp is not None else training.get("hyp"), num_levels=len(detector.spec.strides)))
     return validate_population(graphdef, detector.spec, add(params), add(stats), add(hp), dataset,
                                img_size=img_size, batch_size=batch_size, conf_thres=conf_thres,
                                iou_thres=iou_thres, **kw)[0]

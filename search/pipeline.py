@@ -77,9 +77,9 @@ class PipelineConfig:
     epochs: int = 300
     teacher_epochs: int | None = None  # default: epochs
     search_data: str | None = None  # default: data (then the report says the search saw val)
-    hyp: str = "scratch-s"  # the default hyps (A, B, D)
+    hyp: str = "default"  # the default hyps (A, B, D)
     nominal_batch: int = 64
-    min_warmup_iters: int = 1000
+    min_warmup_iters: int | None = None  # None: the hyp file's recipe value
     subset: int | None = None  # train stages on the first N training images (quick checks)
     seeds: int = 1
     search: dict = dataclasses.field(default_factory=dict)  # SearchOptions fields
@@ -235,7 +235,7 @@ def plan(cfg: PipelineConfig, out: str | Path) -> dict[str, dict]:
 
     def train(unit, model, rows, *, epochs=None, teacher_ckpt=None):
         epochs = epochs or cfg.epochs
-        t = TrainOptions(**model, data=cfg.data, hyp=None, img_size=cfg.img_size, batch_size=cfg.batch_size,
+        t = TrainOptions(**model, data=cfg.data, hyp=cfg.hyp, img_size=cfg.img_size, batch_size=cfg.batch_size,
                          epochs=epochs, out=str(out / "stages" / unit / "train"), nominal_batch=cfg.nominal_batch,
                          min_warmup_iters=cfg.min_warmup_iters, eval_every=epochs, iou_thres=DEFAULT_IOU_TEST,
                          subset=cfg.subset, init_seeds=seeds * len(rows), teacher=teacher_ckpt,

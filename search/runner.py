@@ -56,7 +56,7 @@ class SearchOptions:
     model: str = "yolov4s"
     data: str = "synthetic"
     space: str = "default"  # a bundled search space name or a YAML path
-    hyp: str | None = None  # base hyp for keys outside the space (default: scratch-s)
+    hyp: str | None = None  # base hyp for keys outside the space (default: the bundled default)
     weights: str | None = None  # every trial starts from these weights (a fine-tuning search)
     teacher: str | None = None  # every trial distils from this checkpoint (search the kd_* weights in the space)
     kd_features: bool = False
@@ -118,7 +118,7 @@ def train_evaluator(options: SearchOptions, progress: Callable[[dict], None] | N
     def evaluate(hyps: Sequence[dict], tag: str, epochs: int | None = None) -> list[dict]:
         folder = Path(options.out) / "trials" / tag
         topts = TrainOptions(model=options.model, data=options.data, weights=options.weights,
-                             img_size=options.img_size,
+                             hyp=options.hyp or H.DEFAULT_FILE, img_size=options.img_size,
                              batch_size=options.batch_size, epochs=epochs or options.trial_epochs, out=str(folder),
                              seed=options.seed, head=options.head, kst=options.kst, workers=options.workers,
                              nominal_batch=options.nominal_batch, min_warmup_iters=options.min_warmup_iters,

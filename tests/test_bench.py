@@ -188,7 +188,8 @@ def test_bench_cli_quick_eval_and_gpu(tmp_path, capsys):
     assert "decode + NMS" in capsys.readouterr().out
     with pytest.raises(jaxyolo.ConfigError, match="unknown suite"):
         bench_cmd.parse_suites("train,speed")
-    assert bench_cmd.parse_suites("all") == list(bench_cmd.ORDER)
+    assert bench_cmd.parse_suites("all") == list(bench_cmd.ORDER[:-1])  # all but the long learn suite
+    assert bench_cmd.parse_suites("learn,train") == ["train", "learn"]
 
 
 def test_gpu_suite_code_path_on_cpu():
@@ -203,3 +204,28 @@ def test_gpu_suite_code_path_on_cpu():
     assert r["model_flops_per_s"] == pytest.approx(2 * r["model_flops_per_image"] / r["jax_step_s"], rel=1e-3)
     assert r["mfu"] == pytest.approx(r["model_flops_per_s"] / r["bf16_matmul_flops_per_s"], abs=1e-4)
 
+
+
+def test_bench_learn_quick_scores_jaxyolo_and_reports_a_missing_peer(tmp_path, capsys):
+    """The learn suite end to end on a tiny generated set: jaxyolo's row is scored by pycocotools
+    on the held-out json, with a per-epoch curve; a peer Python without the peer libraries (this
+    one) gives a 'skipped' row naming its log, not a crash."""
+    import sys
+
+    from jaxyolo.tools.cli import main
+
+    out = tmp_path / "learn.json"
+    assert main(["bench", "--quick", "--suite", "learn", "--json", str(out), "--out", str(tmp_path / "runs"),
+                 "--peer-python", sys.executable]) == 0
+    res = json.loads(out.read_text())["suites"]["learn"]
+    rows = {r["system"].split()[0]: r for r in res["rows"]}
+    assert set(rows) == {"jaxyolo", "ultralytics", "yolov5"}
+    j = rows["jaxyolo"]
+    assert 0.0 <= j["AP50"] <= 1.0 and 0.0 <= j["AP"] <= j["AP50"]
+    assert [c["epoch"] for c in j["curve"]] == [0, 1] and j["wall_s"] > 0 and j["params"] == jaxyolo.create_model(
+        "yolov4p", num_classes=5, head="detect", abstract=True).num_params()
+    for lib in ("ultralytics", "yolov5"):
+        assert "train.log" in rows[lib]["skipped"]
+        assert (tmp_path / "runs" / lib / "train.log").exists()
+    printed = capsys.readouterr().out
+    assert "| jaxyolo |" in printed and "skipped" in printed

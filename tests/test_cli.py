@@ -38,7 +38,7 @@ def test_train_command_trains_and_saves(reference, data_env):
                                  "min_warmup_iters", "save_every", "seed", "head", "kst")} == {
         "model": "yolov4p", "data": R.DATA, "img_size": R.IMG, "batch_size": R.BATCH, "nominal_batch": R.BATCH,
         "epochs": R.EPOCHS, "min_warmup_iters": 2, "save_every": 1, "seed": 0, "head": "implicit", "kst": 3}
-    assert H.load_hyp(reference / "hyp.yaml") == H.load_hyp("scratch-s")
+    assert H.load_hyp(reference / "hyp.yaml") == H.load_hyp("default")
     det = jaxyolo.load(reference / "weights" / "best")
     ds = val_dataset()
     assert det.spec.name == "yolov4p" and det.num_classes == ds.num_classes == 5

@@ -315,7 +315,7 @@ def distill_run(runs_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     teacher_dir = dcase.teacher(NUM_CLASSES).save(root / "teacher")
     hyp = root / "kd.yaml"
-    hyp.write_text(yaml.safe_dump({**H.load_hyp("scratch-s"), **KD_HYP}))
+    hyp.write_text(yaml.safe_dump({**H.load_hyp("reference-s"), **KD_HYP}))
     argv = list(R.TRAIN_ARGS)
     argv[argv.index("--epochs") + 1] = str(EPOCHS)
     argv += ["--hyp", str(hyp), "--teacher", str(teacher_dir), "--kd-features"]

@@ -25,6 +25,8 @@ SPEC_SCRATCH_S = {
 }
 SPEC_SCRATCH_CSP = {**SPEC_SCRATCH_S, "cls": 0.3, "obj": 0.7, "scale": 0.9}
 SPEC_FILE_ONLY = {"iou_t": 0.20, "fl_gamma": 0.0}  # in both columns; read but not used
+# the bundled default's values that differ from reference-s (README, "Training recipe")
+DEFAULT_CHANGES: dict = {}
 
 # ultralytics/yolov5 v6.0 data/hyps/hyp.scratch.yaml (spec §9: the first column with lrf 0.1, plus
 # copy_paste), with the optional `anchors` key its comments describe
@@ -97,21 +99,23 @@ def assert_hyp_equal(got: dict, want: dict):
             assert got[k] == pytest.approx(want[k], rel=1e-12, abs=0), k
 
 
-@pytest.mark.parametrize("name, want", [("scratch-s", SPEC_SCRATCH_S), ("scratch-csp", SPEC_SCRATCH_CSP)])
+@pytest.mark.parametrize("name, want", [("reference-s", SPEC_SCRATCH_S), ("reference-csp", SPEC_SCRATCH_CSP)])
 def test_bundled_files_equal_the_spec_table(name, want):
-    assert {"scratch-s", "scratch-csp"} <= set(H.available())
+    assert {"reference-s", "reference-csp"} <= set(H.available())
     assert_hyp_equal(H.load_hyp(name), want)
     raw = H._read(name)  # the file itself also carries the reference's unused keys, with its values
     for k, v in SPEC_FILE_ONLY.items():
         assert raw[k] == v, k
-    assert set(raw) == set(H.KEYS) | set(SPEC_FILE_ONLY)
+    assert set(raw) == set(H.KEYS) | set(SPEC_FILE_ONLY) | set(H.RECIPE_DEFAULTS)
 
 
-def test_default_is_scratch_s_and_missing_keys_take_it():
-    assert_hyp_equal(H.load_hyp(), SPEC_SCRATCH_S)
+def test_default_is_reference_s_with_the_documented_changes_and_missing_keys_take_it():
+    default = H.load_hyp()
+    assert_hyp_equal(default, {**SPEC_SCRATCH_S, **DEFAULT_CHANGES})
+    assert_hyp_equal(H.load_hyp("default"), default)
     assert_hyp_equal(H.load_hyp({"lr0": 0.02, "balance": [3, 1, 0.5]}),
-                     {**SPEC_SCRATCH_S, "lr0": 0.02, "balance": [3.0, 1.0, 0.5]})
-    assert_hyp_equal(H.load_hyp("scratch-csp", overrides={"mixup": 0.1}), {**SPEC_SCRATCH_CSP, "mixup": 0.1})
+                     {**default, "lr0": 0.02, "balance": [3.0, 1.0, 0.5]})
+    assert_hyp_equal(H.load_hyp("reference-csp", overrides={"mixup": 0.1}), {**SPEC_SCRATCH_CSP, "mixup": 0.1})
 
 
 def test_yolov5_file_with_extra_keys_loads(tmp_path):
@@ -182,7 +186,7 @@ def test_balance_length_must_match_the_levels():
 
 def test_stack_gives_a_leading_population_axis():
     a = H.load_hyp()
-    b = H.load_hyp("scratch-csp", overrides={"lr0": 0.02, "balance": [3.0, 1.0, 0.5]})
+    b = H.load_hyp("reference-csp", overrides={"lr0": 0.02, "balance": [3.0, 1.0, 0.5]})
     c = H.load_hyp(overrides={"momentum": 0.9})
     s = H.stack([a, b, c])
     assert sorted(s) == sorted(H.KEYS)
@@ -199,7 +203,7 @@ def test_stack_gives_a_leading_population_axis():
 
 
 def test_to_yaml_round_trip(tmp_path):
-    h = H.load_hyp("scratch-csp", overrides={"lr0": 0.0123456789, "balance": [3.5, 1.25, 0.3]})
+    h = H.load_hyp("reference-csp", overrides={"lr0": 0.0123456789, "balance": [3.5, 1.25, 0.3]})
     text = H.to_yaml(h)
     assert yaml.safe_load(text) == h
     path = tmp_path / "hyp.yaml"

@@ -84,21 +84,21 @@ def test_start_vector_round_trips_to_the_scratch_s_hyp(space):
     assert v.dtype == np.float64 and v.shape == (space.dim,)
     hyp = space.hyp_from_vector(v)
     assert H.load_hyp(hyp) == hyp
-    scratch = H.load_hyp("scratch-s")
+    scratch = H.load_hyp("reference-s")
     for name, x in zip(space.names, v):
         key = name.split(".")[0]
         want = SCRATCH_S[key] if key != "balance" else BALANCE[int(name.split(".")[1])]
         assert x == want == (scratch[key] if key != "balance" else scratch["balance"][int(name[-1])]), name
     assert hyp == scratch
     np.testing.assert_array_equal(space.vector_from_hyp(hyp), v)
-    csp = space.vector_from_hyp(H.load_hyp("scratch-csp"))
+    csp = space.vector_from_hyp(H.load_hyp("reference-csp"))
     assert (csp[space.index("cls")], csp[space.index("obj")], csp[space.index("scale")]) == (0.3, 0.7, 0.9)
 
 
 def test_hyp_from_vector_takes_other_keys_from_base(space):
     d = {k: v for k, v in space.to_dict().items() if k in ("lr0", "balance.1")}
     small = SearchSpace.load(d)
-    hyp = small.hyp_from_vector([0.02, 2.0], base={**H.load_hyp("scratch-csp"), "balance": [3.0, 1.0, 0.5]})
+    hyp = small.hyp_from_vector([0.02, 2.0], base={**H.load_hyp("reference-csp"), "balance": [3.0, 1.0, 0.5]})
     assert hyp["lr0"] == 0.02 and hyp["balance"] == [3.0, 2.0, 0.5] and hyp["cls"] == 0.3
     assert small.hyp_from_vector([0.02, 2.0])["balance"] == [4.0, 2.0, 0.4]
 

@@ -1,12 +1,16 @@
 """`jaxyolo bench`: measure jaxyolo against PyTorch and ONNX Runtime on this machine.
 
-    jaxyolo bench [--suite train,population,infer,eval,gpu|all] [--json FILE] [--quick]
+    jaxyolo bench [--suite train,population,infer,eval,gpu,learn|all] [--json FILE] [--quick]
+    jaxyolo bench --suite learn [--peer-python PEER_VENV/bin/python] [--train-images 1000] [--epochs 30]
 
 Suites (`jaxyolo.bench.suites`): `train` (yolov4s step at batch 8, 320², JAX against the PyTorch
 mirror, interleaved, with compile time and memory), `population` (one vmapped step for P members
 against P single steps), `infer` (batch-1 latency, JAX / ONNX Runtime / PyTorch at 416 and 640),
 `eval` (decode + NMS + pycocotools over 300 images), `gpu` (bf16 training throughput and model-FLOPs
-utilisation; skipped without an accelerator). `--quick` shrinks every suite to a tiny model and
+utilisation; skipped without an accelerator), `learn` (held-out AP per epoch and wall time of a
+model trained on a generated set, beside ultralytics and yolov5 on the same files when
+`--peer-python` names a Python that has them; `jaxyolo.bench.learn`; minutes to hours, so not part
+of `all`). `--quick` shrinks every suite to a tiny model and
 sizes: a smoke run of the commands, not figures to quote.
 """
 
@@ -18,20 +22,23 @@ from pathlib import Path
 
 from jaxyolo.errors import ConfigError
 
-ORDER = ("train", "population", "infer", "eval", "gpu")
+ORDER = ("train", "population", "infer", "eval", "gpu", "learn")
+ALL = ORDER[:-1]  # `all`: every suite but learn, which trains models for minutes to hours
 QUICK = {
     "train": {"model": "yolov4p", "batch": 2, "img": 64, "repeats": 2, "warmup": 1},
     "population": {"model": "yolov4p", "batch": 2, "img": 64, "pops": (1, 2), "repeats": 2},
     "infer": {"model": "yolov4p", "sizes": (64,), "runs": 3, "warmup": 1},
     "eval": {"images": 20, "img": 64, "batch": 8},
     "gpu": {"model": "yolov4p", "batch": 2, "img": 64, "repeats": 2, "warmup": 1, "matmul_n": 256},
+    "learn": {"model": "yolov4p", "train": 32, "val": 8, "epochs": 2, "img": 64, "batch": 8},
 }
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("bench", help="benchmarks: train step vs PyTorch, population, inference, evaluation, GPU")
-    p.add_argument("--suite", default="train,population,infer,eval,gpu",
-                   help=f"comma-separated suites of {', '.join(ORDER)}, or 'all' (default: all)")
+    p = subparsers.add_parser("bench", help="benchmarks: train step vs PyTorch, population, inference, evaluation, "
+                                            "GPU, learning against peer libraries")
+    p.add_argument("--suite", default="all",
+                   help=f"comma-separated suites of {', '.join(ORDER)}, or 'all' ({', '.join(ALL)}; the default)")
     p.add_argument("--json", help="write the results (with machine, versions and date) to this JSON file")
     p.add_argument("--model", help="model of the train, infer and gpu suites (default yolov4s)")
     p.add_argument("--batch", type=int, help="batch of the train suite (default 8)")
@@ -40,6 +47,14 @@ def add_parser(subparsers):
     p.add_argument("--breakdown", action="store_true",
                    help="train suite: also time the step's pieces (forward, loss, gradients) on their own")
     p.add_argument("--quick", action="store_true", help="tiny model and sizes: a smoke run, not figures to quote")
+    learn = p.add_argument_group("learn suite (defaults: yolov4n, detect head, 1000/200 images, 30 epochs, 128 px, batch 32)")
+    learn.add_argument("--peer-python", help="a Python with ultralytics and yolov5 (benchmarks/peers/README.md)")
+    learn.add_argument("--train-images", type=int, help="generated training images (default 1000)")
+    learn.add_argument("--val-images", type=int, help="generated held-out images (default 200)")
+    learn.add_argument("--epochs", type=int, help="training epochs of every system (default 30)")
+    learn.add_argument("--hyp", help="jaxyolo's hyp (default: the bundled default)")
+    learn.add_argument("--head", choices=("detect", "implicit"), help="jaxyolo's head (default detect)")
+    learn.add_argument("--out", help="run folder of the learn suite (default runs/bench/learn)")
     p.set_defaults(func=run)
     return p
 
@@ -47,7 +62,7 @@ def add_parser(subparsers):
 def parse_suites(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     if names == ["all"]:
-        return list(ORDER)
+        return list(ALL)
     unknown = [n for n in names if n not in ORDER]
     if unknown or not names:
         raise ConfigError(f"--suite: unknown suite(s) {', '.join(unknown) or '(none given)'}; "
@@ -63,6 +78,12 @@ def suite_options(name: str, args) -> dict:
         for key in ("batch", "img", "repeats"):
             if getattr(args, key) is not None:
                 opts[key] = getattr(args, key)
+    if name == "learn":
+        for key, arg in (("model", "model"), ("batch", "batch"), ("img", "img"), ("train", "train_images"),
+                         ("val", "val_images"), ("epochs", "epochs"), ("hyp", "hyp"), ("head", "head"),
+                         ("peer_python", "peer_python"), ("out", "out")):
+            if getattr(args, arg, None) is not None:
+                opts[key] = getattr(args, arg)
     return opts
 
 
@@ -124,6 +145,10 @@ def summary(name: str, r: dict) -> str:
         return (f"  {r['images']} images @ {r['img']}: decode + NMS {r['decode_nms_ms_per_image']:.2f} ms/image, "
                 f"COCO json {r['to_coco_json_s']:.2f} s, pycocotools {r['pycocotools_s']:.2f} s "
                 f"({r['detections']} detections)")
+    if name == "learn":
+        from jaxyolo.bench.learn import table
+
+        return table(r)
     if name == "gpu":
         line = (f"  {r['model']} batch {r['batch']} @ {r['img']} bf16 on {r['device']}: {r['jax_images_per_s']} "
                 f"images/s, {r['model_tflops_per_s']} model TFLOP/s, MFU {r['mfu']:.1%} of a "

@@ -26,7 +26,8 @@ def add_parser(subparsers):
     p.add_argument("--weights", help="a jaxyolo checkpoint folder (e.g. runs/train/NAME/weights/best)")
     p.add_argument("--data", help="data YAML, COCO json, tfds:NAME or synthetic[:k=v,...]")
     p.add_argument("--split", default="val")
-    p.add_argument("--img", type=int, default=640)
+    p.add_argument("--img", type=int, default=None,
+                   help="square input size (default: the size the weights were trained at, else 640)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--conf", type=float, default=0.001, help="confidence threshold (spec: 0.001)")
     p.add_argument("--iou", type=float, default=0.65, help="NMS IoU threshold (spec: 0.65 for the test)")

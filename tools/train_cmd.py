@@ -4,13 +4,16 @@
         --out runs/train/NAME [--resume] [--weights W] [--teacher T [--kd-features]]
 
 DATA: a data YAML, a COCO json, `tfds:NAME` or `synthetic[:key=value,...]`. HYP: a bundled name
-(`scratch-s`, `scratch-csp`) or a YAML file with the reference key names. `--teacher T` distils a
+(`default`; `reference-s`, `reference-csp`: the reference's recipes exactly) or a YAML file with the
+reference key names. The hyp file's run-level keys (gain_rule, min_warmup_iters, close_mosaic,
+autoanchor) can be overridden by the flags of the same names. `--teacher T` distils a
 trained jaxyolo checkpoint (same anchors, strides and classes) into the student with the hyp's
 kd_* weights (`jaxyolo.distill`); the saved weights are the student's.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 
@@ -21,7 +24,8 @@ def add_parser(subparsers):
     p = subparsers.add_parser("train", help="train a detector on a dataset")
     p.add_argument("--model", default="yolov4s", help="built-in model name or a YAML table")
     p.add_argument("--data", default="synthetic", help="data YAML, COCO json, tfds:NAME or synthetic[:k=v,...]")
-    p.add_argument("--hyp", default="scratch-s", help="bundled hyp name or a hyp YAML (reference key names)")
+    p.add_argument("--hyp", default="default",
+                   help="bundled hyp name (default, reference-s, reference-csp) or a hyp YAML (reference key names)")
     p.add_argument("--img", type=int, default=640, help="square training and validation size")
     p.add_argument("--batch", type=int, default=64, help="images per iteration over all devices")
     p.add_argument("--epochs", type=int, default=300)
@@ -34,7 +38,13 @@ def add_parser(subparsers):
     p.add_argument("--act", default="silu", choices=("silu", "mish", "leaky"))
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master weights")
     p.add_argument("--workers", type=int, default=0, help="data loader processes (0: threads in this process)")
-    p.add_argument("--min-warmup-iters", type=int, default=1000, help="floor on warm-up iterations (reference: 1000)")
+    p.add_argument("--min-warmup-iters", type=int, default=None,
+                   help="floor on warm-up iterations (default: the hyp file's, else 100; reference-s: 1000)")
+    p.add_argument("--gain-rule", choices=("scaled", "reference"), default=None,
+                   help="loss gains: 'scaled' also scales obj by (img/640)^2 (default: the hyp file's, else scaled)")
+    p.add_argument("--close-mosaic", type=int, default=None, help="train the last N epochs without mosaic")
+    p.add_argument("--autoanchor", action=argparse.BooleanOptionalAction, default=None,
+                   help="refit the anchors when they cover the training boxes badly (best possible recall < 0.98)")
     p.add_argument("--schedule", choices=("cosine", "linear"), default="cosine")
     p.add_argument("--nominal-batch", type=int, default=64, help="gradients are accumulated up to this batch")
     p.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
@@ -55,6 +65,7 @@ def options_from_args(args):
                         epochs=args.epochs, out=args.out, weights=args.weights, seed=args.seed, head=args.head,
                         kst=args.kst, act=args.act, dtype="bfloat16" if args.bf16 else None, workers=args.workers,
                         nominal_batch=args.nominal_batch, min_warmup_iters=args.min_warmup_iters,
+                        gain_rule=args.gain_rule, close_mosaic=args.close_mosaic, autoanchor=args.autoanchor,
                         schedule=args.schedule, eval_every=args.eval_every, save_every=args.save_every,
                         max_boxes=args.max_boxes, subset=args.subset, teacher=args.teacher,
                         kd_features=args.kd_features)
@@ -81,7 +92,7 @@ class ProgressPrinter:
             if self.bar is None:
                 epoch = step // self.nb
                 self.bar = tqdm(total=self.nb, initial=step % self.nb, desc=f"epoch {epoch}", leave=False,
-                                unit="it", dynamic_ncols=True)
+                                unit="it", dynamic_ncols=True, disable=None)  # no bar in a log file
             self.bar.update(1)
             loss = info["loss"]
             self.bar.set_postfix(loss=f"{float(loss.mean()):.4f}", lr=f"{float(info['lr'].mean()):.2e}")

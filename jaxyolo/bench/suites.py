@@ -355,7 +355,13 @@ def _torch_amp(det, host, img, repeats, warmup) -> dict:
     return {"version": torch.__version__, "step_s": round(t, 4), "images_per_s": round(host["image"].shape[0] / t, 1)}
 
 
-SUITES = {"train": train, "population": population, "infer": infer, "eval": evaluation, "gpu": gpu}
+def learn(**kw) -> dict:
+    from jaxyolo.bench.learn import learn as _learn
+
+    return _learn(**kw)
+
+
+SUITES = {"train": train, "population": population, "infer": infer, "eval": evaluation, "gpu": gpu, "learn": learn}
 
 
 def machine() -> dict:

@@ -1,0 +1,71 @@
+"""The default recipe learns: a tiny model on an easy generated set, a few hundred steps.
+
+The truths are chance and the untrained model, not a number from an earlier run: the classes of
+the held-out objects must be told apart far better than chance (a binomial test), and AP50 must
+rise far above what the same network scores before training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import jaxyolo
+from jaxyolo.data.sources import open_dataset
+from jaxyolo.trainer import TrainOptions, fit
+from jaxyolo.validate import validate
+
+CLASSES = 3
+DATA = f"synthetic:num_train=192,num_val=48,img_size=64-80,num_classes={CLASSES},max_objects=3,seed=3"
+IMG, BATCH, EPOCHS = 64, 16, 25  # 12 batches per epoch: 300 steps
+
+
+def _iou(a, b):
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), -1)
+    area = lambda x: np.prod(x[:, 2:] - x[:, :2], -1)
+    return inter / (area(a)[:, None] + area(b)[None] - inter)
+
+
+def class_hits(res, ds) -> tuple[int, int]:
+    """(right, total): for each held-out object found by some prediction with IoU >= 0.5, whether
+    the most confident such prediction names its class."""
+    right = total = 0
+    for i, (boxes, scores, classes) in enumerate(res["predictions"]):
+        gt_boxes, gt_classes = ds.labels(i)
+        if len(boxes) == 0 or len(gt_boxes) == 0:
+            continue
+        iou = _iou(np.asarray(gt_boxes, float), np.asarray(boxes, float))
+        for g in range(len(gt_boxes)):
+            hit = np.flatnonzero(iou[g] >= 0.5)
+            if len(hit):
+                total += 1
+                right += int(classes[hit[np.argmax(scores[hit])]] == gt_classes[g])
+    return right, total
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("learn") / "run"
+    opts = TrainOptions(model="yolov4p", head="detect", data=DATA, img_size=IMG, batch_size=BATCH, epochs=EPOCHS,
+                        out=str(out), eval_every=EPOCHS, plots=False, save_weights=False, nominal_batch=BATCH)
+    untrained = jaxyolo.create_model("yolov4p", num_classes=CLASSES, head="detect", seed=0)
+    return fit(opts), untrained
+
+
+def test_default_recipe_learns_classes_and_boxes(trained):
+    run, untrained = trained
+    ds = open_dataset(DATA, "val")
+    before = validate(untrained, ds, img_size=IMG)
+    after = validate(run.detectors[0], ds, img_size=IMG)
+    right, total = class_hits(after, ds)
+    assert total >= 20, f"only {total} held-out objects found at IoU 0.5"
+    # classes: far above chance (1/3), by a one-sided binomial test
+    p = stats.binomtest(right, total, 1 / CLASSES, alternative="greater").pvalue
+    ap_before, ap_after = before["coco"]["AP50"], after["coco"]["AP50"]
+    print(f"class accuracy {right}/{total} (p {p:.2g}), AP50 {ap_before:.4f} -> {ap_after:.4f}")
+    assert p < 1e-6 and right / total > 0.6, (right, total, p)
+    # boxes: AP50 far above the untrained network's
+    assert ap_after > max(10 * ap_before, ap_before + 0.25), (ap_before, ap_after)
