@@ -314,7 +314,8 @@ def _pad_rows(x, n):
 
 
 def augment_batch(key, hyp: Mapping[str, jax.Array], mosaic_canvas, mosaic_boxes, mosaic_classes, mosaic_mask,
-                  single_image, single_boxes, single_classes, single_mask, *, out_size: int, mixup_alpha=32.0):
+                  single_image, single_boxes, single_classes, single_mask, *, out_size: int, mixup_alpha=32.0,
+                  mixup_rows: bool = True):
     """Augment a batch the reference's way, one compiled program whatever the hyper-parameters.
 
     mosaic_canvas (B, 2s, 2s, 3) and single_image (B, s, s, 3, letterboxed) are uint8 or float in
@@ -331,7 +332,8 @@ def augment_batch(key, hyp: Mapping[str, jax.Array], mosaic_canvas, mosaic_boxes
 
     Returns images (B, s, s, 3) float32 in [0, 1], boxes (B, 2N, 4), classes (B, 2N) int32, mask
     (B, 2N), N = max(M, Mm): rows [N:] are the mixup partner's, masked out where mixup was not
-    applied; masked rows are 0.
+    applied; masked rows are 0. `mixup_rows=False` (every member's mixup probability is 0) skips
+    mixup and returns N rows: the loss's cost grows with the rows.
     """
     s = int(out_size)
     b = single_image.shape[0]
@@ -376,10 +378,11 @@ def augment_batch(key, hyp: Mapping[str, jax.Array], mosaic_canvas, mosaic_boxes
 
     images, boxes, mask = jax.vmap(persp)(k_persp, canvas, boxes, mask)
 
-    partner = [jnp.roll(x, 1, axis=0) for x in (images, boxes, classes, mask)]
-    mix_prob = jnp.where(use_mosaic, hp["mixup"], 0.0)
-    images, boxes, classes, mask = jax.vmap(lambda *a: mixup(*a, alpha=mixup_alpha))(
-        k_mix, mix_prob, images, boxes, classes, mask, *partner)
+    if mixup_rows:
+        partner = [jnp.roll(x, 1, axis=0) for x in (images, boxes, classes, mask)]
+        mix_prob = jnp.where(use_mosaic, hp["mixup"], 0.0)
+        images, boxes, classes, mask = jax.vmap(lambda *a: mixup(*a, alpha=mixup_alpha))(
+            k_mix, mix_prob, images, boxes, classes, mask, *partner)
 
     images, boxes = jax.vmap(lambda k, im, bx: flip(k, im, bx, hp["flipud"], hp["fliplr"]))(k_flip, images, boxes)
     images = jax.vmap(lambda k, im: hsv_augment(k, im, hp["hsv_h"], hp["hsv_s"], hp["hsv_v"]))(k_hsv, images)

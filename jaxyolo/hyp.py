@@ -39,12 +39,12 @@ IGNORED = {"iou_t": "unused by the loss", "anchors": "anchors come from the mode
 # without them (a yolov5 / ScaledYOLOv4 one) gets these defaults, the ones that learn on small
 # data at small image sizes; `reference-s` sets the reference's values.
 RECIPE_DEFAULTS = {
-    "gain_rule": "scaled",  # see `loss_gains`
+    "gain_rule": "per-class",  # see `loss_gains`
     "min_warmup_iters": 100,  # floor on warm-up iterations (the reference: 1000)
     "close_mosaic": 0,  # epochs at the end trained without mosaic
-    "autoanchor": False,  # refit the anchors to the data when they cover it badly (`jaxyolo.anchors`)
+    "autoanchor": True,  # refit the anchors to the data when they cover it badly (`jaxyolo.anchors`)
 }
-GAIN_RULES = ("scaled", "reference")
+GAIN_RULES = ("per-class", "reference", "yolov5")
 RANGES = {  # (low, high) sanity bounds; a value outside is an error naming the key
     # (translate up to 1: the reference evolution meta table allows 0.9, and the warp handles any
     # value, an image moved out of the frame just loses its boxes)
@@ -140,18 +140,22 @@ def load_recipe(source: str | Path | Mapping | None = None, *, overrides: Mappin
 def loss_gains(hyp: Mapping, *, nc: int, img_size: int, rule: str) -> dict:
     """`hyp` with the box/obj/cls gains the loss should use for `nc` classes at `img_size`.
 
-    The loss (`jaxyolo.loss.yolo_loss`) averages objectness over every cell and the class term over
-    every class of the assigned cells, then scales all three by 3 / levels. So, for the per-logit
-    gradients to keep the balance a hyp file was tuned for (80 classes at 640 px):
+    The loss (`jaxyolo.loss.yolo_loss`) averages the class term over the classes of the assigned
+    boxes and objectness over every cell, then scales all three by 3 / levels. Rules:
 
-    * "reference" (spec §9): cls × nc / 80; obj as given. At 128 px a cell's objectness gradient
-      is then (640 / 128)² = 25 × what it is at 640, which drowns the class term.
-    * "scaled": also obj × (img_size / 640)², as yolov5 / ultralytics scale it.
+    * "per-class" (the default): gains as given. The class term's weight per assigned box is then
+      the same for 5 classes as for 80.
+    * "reference" (spec §9): cls × nc / 80, which keeps each class logit's gradient at its 80-class
+      value: with 5 classes the class term weighs 1/16 of "per-class", and the class head of a
+      small dataset barely learns (README, "Training recipe").
+    * "yolov5": the reference's, and obj × (img_size / 640)² as yolov5 / ultralytics scale it.
     """
     if rule not in GAIN_RULES:
         raise ConfigError(f"gain_rule={rule!r}: expected one of {GAIN_RULES}")
+    if rule == "per-class":
+        return dict(hyp)
     out = {**hyp, "cls": hyp["cls"] * (nc / 80.0)}
-    if rule == "scaled":
+    if rule == "yolov5":
         out["obj"] = hyp["obj"] * (img_size / 640.0) ** 2
     return out
 

@@ -67,7 +67,7 @@ class TrainConfig:
     nominal_batch: int = 64
     min_warmup_iters: int = 100  # floor on warm-up iterations (the reference's: 1000)
     schedule: str = "cosine"
-    gain_rule: str = "scaled"  # how loss gains follow classes and image size (`jaxyolo.hyp.loss_gains`)
+    gain_rule: str = "per-class"  # how loss gains follow classes and image size (`jaxyolo.hyp.loss_gains`)
     augment: bool = True  # on-device augmentation (jaxyolo.augment) from the host's mosaic/single images
 
     def __post_init__(self):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -76,7 +77,7 @@ class TrainOptions:
     nominal_batch: int = 64
     # None: the hyp file's recipe value (jaxyolo.hyp.RECIPE_DEFAULTS where the file has none)
     min_warmup_iters: int | None = None
-    gain_rule: str | None = None  # "scaled" or "reference" (jaxyolo.hyp.loss_gains)
+    gain_rule: str | None = None  # "per-class", "reference" or "yolov5" (jaxyolo.hyp.loss_gains)
     close_mosaic: int | None = None  # last epochs without mosaic
     autoanchor: bool | None = None  # refit anchors that cover the data badly (jaxyolo.anchors)
     schedule: str = "cosine"
@@ -165,12 +166,14 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     mesh = _mesh(pop, options)
     pop_sharding = NamedSharding(mesh, P("pop"))
     data_sharding = NamedSharding(mesh, P("data"))
+    augment = functools.partial(_augment, mixup_rows=any(h["mixup"] > 0 for h in hyp_list))
+    single_rows, mosaic_rows = _box_rows(train_ds, options.max_boxes)
     if teacher is None:
-        step_fn = T.population_step(T.make_train_step(det, cfg, augment_fn=_augment), mesh)
+        step_fn = T.population_step(T.make_train_step(det, cfg, augment_fn=augment), mesh)
         shared: tuple = ()
         init_one = lambda d, seed: T.init_state(d)
     else:
-        step_fn = T.population_step(D.make_distill_step(det, teacher, cfg, augment_fn=_augment,
+        step_fn = T.population_step(D.make_distill_step(det, teacher, cfg, augment_fn=augment,
                                                         features=options.kd_features), mesh)
         shared = (jax.device_put(D.teacher_params(teacher), NamedSharding(mesh, P())),)
         init_one = lambda d, seed: D.init_state(d, teacher, features=options.kd_features, seed=seed)
@@ -222,8 +225,9 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         while step < cfg.total_iters:
             epoch, start_batch = divmod(step, nb)
             batches = train_batches(train_ds, img_size=options.img_size, batch_size=options.batch_size,
-                                    max_boxes=options.max_boxes, seed=options.seed, epoch=epoch, mosaic=use_mosaic,
-                                    start_batch=start_batch, num_workers=options.workers)
+                                    max_boxes=single_rows, mosaic_max_boxes=mosaic_rows, seed=options.seed,
+                                    epoch=epoch, mosaic=use_mosaic, start_batch=start_batch,
+                                    num_workers=options.workers)
             sums, count, pending = None, 0, None
             if start_batch and resumed_sums:  # the epoch's running averages continue exactly
                 count = np.asarray(resumed_sums["count"], np.int64)
@@ -288,12 +292,20 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
 # ----------------------------------------------------------------------------------------------
 
 
-def _augment(key, hyp, batch, out_size):
+def _augment(key, hyp, batch, out_size, mixup_rows=True):
     from jaxyolo.augment import augment_batch
 
     return augment_batch(key, hyp, batch.get("mosaic"), batch.get("mosaic_boxes"), batch.get("mosaic_classes"),
                          batch.get("mosaic_mask"), batch["image"], batch["boxes"], batch["classes"], batch["mask"],
-                         out_size=out_size)
+                         out_size=out_size, mixup_rows=mixup_rows)
+
+
+def _box_rows(train_ds, cap: int) -> tuple[int, int]:
+    """Padded box rows of single images and of mosaics: the most boxes an image of the training
+    set has (four times that for a mosaic), at most `cap`. The loss's cost grows with the rows, and
+    the default cap of 100 is many times what small datasets need."""
+    per_image = max((len(train_ds.labels(i)[0]) for i in range(len(train_ds))), default=1)
+    return max(1, min(cap, per_image)), max(1, min(cap, 4 * per_image))
 
 
 def run_recipe(options: TrainOptions) -> dict:

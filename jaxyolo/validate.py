@@ -71,7 +71,7 @@ def _population_eval(graphdef, anchors, strides, nc, max_det, gain_rule, params,
 def validate_population(graphdef, spec, params, stats, hyp, dataset: DetectionDataset, *, img_size: int,
                         batch_size: int = 16, conf_thres: float = DEFAULT_CONF, iou_thres: float = DEFAULT_IOU_TRAIN,
                         max_det: int = DEFAULT_MAX_DET, max_boxes: int = 100, workers: int = 0,
-                        keep_detections: bool = False, gain_rule: str = "scaled",
+                        keep_detections: bool = False, gain_rule: str = "per-class",
                         progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Metrics of every member: params/stats/hyp carry a leading population axis P. The loss
     uses the gains of `gain_rule` (`jaxyolo.hyp.loss_gains`), as the training run did.

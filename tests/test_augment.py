@@ -384,3 +384,17 @@ def test_shape_errors(batch):
         augment_batch(jax.random.key(0), {"mosaic": 1.0}, batch["canvas"], batch["mosaic_boxes"], batch["classes"],
                       batch["mask"], batch["single"], batch["single_boxes"], batch["classes"], batch["mask"],
                       out_size=S)
+
+
+def test_without_mixup_rows_the_output_is_the_first_half(batch):
+    """mixup_rows=False (no member mixes) returns N rows, equal to the first N of the full output
+    whenever mixup's probability is 0: same images, boxes, classes and mask."""
+    h = hyp(mosaic=0.5, degrees=10.0, translate=0.1, scale=0.3, hsv_h=0.015, hsv_s=0.7, hsv_v=0.4, fliplr=0.5)
+    args = (jax.random.key(3), h, batch["canvas"], batch["mosaic_boxes"], batch["classes"], batch["mask"],
+            batch["single"], batch["single_boxes"], batch["classes"], batch["mask"])
+    full = _augment(*args)
+    half = jax.jit(functools.partial(augment_batch, out_size=S, mixup_rows=False))(*args)
+    assert half[1].shape == (B, 4, 4) and full[1].shape == (B, 8, 4)
+    np.testing.assert_array_equal(np.asarray(half[0]), np.asarray(full[0]))
+    for got, want in zip(half[1:], full[1:]):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want)[:, :4])

@@ -16,14 +16,17 @@ BASE = {"box": 0.05, "obj": 1.0, "cls": 0.5}
 
 
 @pytest.mark.parametrize("rule, nc, img, want_obj, want_cls", [
+    # per-class: the gains as given, whatever the classes and size
+    ("per-class", 5, 128, 1.0, 0.5),
+    ("per-class", 80, 640, 1.0, 0.5),
     # reference (spec §9): cls x nc / 80, obj untouched whatever the size
     ("reference", 80, 640, 1.0, 0.5),
     ("reference", 5, 128, 1.0, 0.5 * 5 / 80),
-    # scaled: obj x (img / 640)^2 too; at 128 px (1/5 of 640) that is 1/25
-    ("scaled", 80, 640, 1.0, 0.5),
-    ("scaled", 5, 128, 1.0 / 25, 0.5 * 5 / 80),
-    ("scaled", 20, 320, 0.25, 0.5 * 20 / 80),
-    ("scaled", 1, 1280, 4.0, 0.5 / 80),
+    # yolov5: obj x (img / 640)^2 too; at 128 px (1/5 of 640) that is 1/25
+    ("yolov5", 80, 640, 1.0, 0.5),
+    ("yolov5", 5, 128, 1.0 / 25, 0.5 * 5 / 80),
+    ("yolov5", 20, 320, 0.25, 0.5 * 20 / 80),
+    ("yolov5", 1, 1280, 4.0, 0.5 / 80),
 ])
 def test_loss_gains_by_hand(rule, nc, img, want_obj, want_cls):
     got = H.loss_gains(BASE, nc=nc, img_size=img, rule=rule)
@@ -35,11 +38,11 @@ def test_loss_gains_by_hand(rule, nc, img, want_obj, want_cls):
 
 def test_unknown_gain_rule_is_an_error():
     with pytest.raises(ConfigError, match="gain_rule"):
-        H.loss_gains(BASE, nc=5, img_size=128, rule="yolov5")
+        H.loss_gains(BASE, nc=5, img_size=128, rule="scaled")
 
 
-def test_train_step_uses_the_scaled_gains():
-    """The step's loss at 128 px with 5 classes equals yolo_loss with hand-scaled gains."""
+def test_train_step_uses_the_rule_s_gains():
+    """The step's loss at 128 px with 5 classes equals yolo_loss with gains scaled by hand."""
     import jax.numpy as jnp
 
     from jaxyolo import train as T
@@ -52,10 +55,11 @@ def test_train_step_uses_the_scaled_gains():
     classes = jnp.asarray([[1, 3]] * 2, jnp.int32)
     mask = jnp.ones((2, 2), bool)
     hyp = H.as_arrays(H.load_hyp("reference-s"))
-    for rule, obj in (("scaled", 1.0 / 25), ("reference", 1.0)):
+    for rule, obj, cls in (("yolov5", 1.0 / 25, 0.5 * 5 / 80), ("reference", 1.0, 0.5 * 5 / 80),
+                           ("per-class", 1.0, 0.5)):
         cfg = T.TrainConfig(epochs=1, batches_per_epoch=1, batch_size=2, img_size=128, gain_rule=rule, augment=False)
         got, _ = T.StepCore(det, cfg).detection_loss(raw, boxes, classes, mask, hyp)
-        by_hand = {**hyp, "obj": jnp.float32(obj), "cls": jnp.float32(0.5 * 5 / 80)}
+        by_hand = {**hyp, "obj": jnp.float32(obj), "cls": jnp.float32(cls)}
         want, _ = yolo_loss(raw, boxes, classes, mask, anchors=det.spec.anchors, strides=det.spec.strides, hyp=by_hand)
         np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
 
@@ -66,7 +70,7 @@ def test_recipe_keys_of_the_bundled_files():
     assert H.load_recipe("reference-csp")["gain_rule"] == "reference"
     default = H.load_recipe()
     assert default == H.load_recipe("default")
-    assert default["gain_rule"] == "scaled" and default["min_warmup_iters"] < 1000
+    assert default["gain_rule"] == "per-class" and default["min_warmup_iters"] < 1000 and default["autoanchor"]
     # a file without recipe keys (a yolov5 hyp file) gets the defaults; flags override
     assert H.load_recipe({"lr0": 0.01}) == H.RECIPE_DEFAULTS
     assert H.load_recipe("reference-s", overrides={"min_warmup_iters": 5, "gain_rule": None})["min_warmup_iters"] == 5
@@ -75,7 +79,7 @@ def test_recipe_keys_of_the_bundled_files():
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("gain_rule", "yolov5", "gain_rule"), ("min_warmup_iters", -1, "min_warmup_iters"),
+    ("gain_rule", "scaled", "gain_rule"), ("min_warmup_iters", -1, "min_warmup_iters"),
     ("close_mosaic", 1.5, "close_mosaic"), ("autoanchor", "yes", "autoanchor"),
 ])
 def test_bad_recipe_values_name_the_key(tmp_path, key, value, match):
@@ -179,9 +183,31 @@ def test_validate_defaults_to_the_training_size(tmp_path, monkeypatch):
     monkeypatch.setattr(V, "validate_population", fake)
     det = jaxyolo.create_model("yolov4p", num_classes=1, head="detect", seed=0)
     V.validate(det, dataset=None)
-    assert seen == {"img_size": 640, "gain_rule": "scaled"}  # nothing known: 640 and the default rule
+    assert seen == {"img_size": 640, "gain_rule": "per-class"}  # nothing known: 640 and the default rule
     det.training = {"img_size": 96, "recipe": H.load_recipe("reference-s"), "hyp": H.load_hyp("reference-s")}
     V.validate(det, dataset=None)
     assert seen == {"img_size": 96, "gain_rule": "reference"}
     V.validate(det, dataset=None, img_size=160)
     assert seen["img_size"] == 160
+
+
+def test_a_run_takes_refitted_anchors_or_the_teacher_s():
+    """fit's anchor choice: the table's when they cover the data, refitted when they do not, the
+    teacher's when distilling (student and teacher must predict alike), none with `autoanchor` off
+    or with starting weights (they carry their anchors)."""
+    from jaxyolo.trainer import TrainOptions, _run_anchors
+
+    det = jaxyolo.create_model("yolov4p", num_classes=1, head="detect", abstract=True)
+    teacher = jaxyolo.create_model("yolov4p", num_classes=1, head="detect", abstract=True,
+                                   anchors=[[5, 5, 6, 6, 7, 7], [8, 8, 9, 9, 10, 10], [11, 11, 12, 12, 13, 13]])
+    bad = _Boxes([(6, 120), (120, 6), (8, 150)] * 20)  # x 96 / 200 at 96 px
+    good = _Boxes([(40, 52), (120, 180), (64, 46)] * 20)
+    opts = TrainOptions(img_size=96)
+    on = H.load_recipe()
+    assert _run_anchors(opts, on, det, None, good) is None
+    rows = _run_anchors(opts, on, det, None, bad)
+    assert rows is not None and A.bpr(np.asarray([(2.88, 57.6), (57.6, 2.88), (3.84, 72)]), rows, 4.0) == 1.0
+    assert _run_anchors(opts, on, det, teacher, bad) == [[5, 5, 6, 6, 7, 7], [8, 8, 9, 9, 10, 10],
+                                                          [11, 11, 12, 12, 13, 13]]
+    assert _run_anchors(opts, {**on, "autoanchor": False}, det, None, bad) is None
+    assert _run_anchors(TrainOptions(img_size=96, weights="w.npz"), on, det, None, bad) is None

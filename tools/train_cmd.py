@@ -40,8 +40,8 @@ def add_parser(subparsers):
     p.add_argument("--workers", type=int, default=0, help="data loader processes (0: threads in this process)")
     p.add_argument("--min-warmup-iters", type=int, default=None,
                    help="floor on warm-up iterations (default: the hyp file's, else 100; reference-s: 1000)")
-    p.add_argument("--gain-rule", choices=("scaled", "reference"), default=None,
-                   help="loss gains: 'scaled' also scales obj by (img/640)^2 (default: the hyp file's, else scaled)")
+    p.add_argument("--gain-rule", choices=("per-class", "reference", "yolov5"), default=None,
+                   help="loss gains against classes and image size (default: the hyp file's, else per-class)")
     p.add_argument("--close-mosaic", type=int, default=None, help="train the last N epochs without mosaic")
     p.add_argument("--autoanchor", action=argparse.BooleanOptionalAction, default=None,
                    help="refit the anchors when they cover the training boxes badly (best possible recall < 0.98)")

@@ -113,14 +113,17 @@ def _class_colour(c: int, num_classes: int, rng: np.random.Generator) -> tuple[i
     return tuple(round(255 * v) for v in rgb)
 
 
-def render(rng: np.random.Generator, w: int, h: int, *, num_classes: int, num_objects: int):
-    """One image: (uint8 (h, w, 3), boxes (n, 4) float32 xyxy pixel edges, classes (n,) int32)."""
+def render(rng: np.random.Generator, w: int, h: int, *, num_classes: int, num_objects: int,
+           min_fraction: float = 0.0):
+    """One image: (uint8 (h, w, 3), boxes (n, 4) float32 xyxy pixel edges, classes (n,) int32).
+    Object sizes run log-uniformly from max(MIN_SIDE, min_fraction x the shorter side) px up."""
     img = np.array(_background(rng, w, h))
     placed = []  # (class, x0, y0, mask)
     hi = max(MIN_SIDE + 1.0, MAX_FRACTION * min(w, h))
+    lo = min(max(float(MIN_SIDE), min_fraction * min(w, h)), hi)
     for _ in range(num_objects):
         c = int(rng.integers(num_classes))
-        size = math.exp(rng.uniform(math.log(MIN_SIDE), math.log(hi)))
+        size = math.exp(rng.uniform(math.log(lo), math.log(hi)))
         aspect = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
         sw = int(np.clip(round(size * math.sqrt(aspect)), MIN_SIDE, min(w, hi)))
         sh = int(np.clip(round(size / math.sqrt(aspect)), MIN_SIDE, min(h, hi)))
@@ -160,12 +163,13 @@ def synthetic_image(size: int = 320, *, seed: int = 0, num_objects: int = 4):
 
 
 def make_sample(split: str, index: int, *, seed: int = 0, img_size=(128, 256), num_classes: int = 5,
-                max_objects: int = 8):
+                max_objects: int = 8, min_fraction: float = 0.0):
     """Image `index` of `split`, as `generate_dataset` writes it: (image, boxes, classes)."""
     rng = np.random.default_rng([seed, _SPLITS[split], index])
     lo, hi = _size_range(img_size)
     w, h = (int(v) for v in rng.integers(lo, hi + 1, 2))
-    return render(rng, w, h, num_classes=num_classes, num_objects=int(rng.integers(1, max_objects + 1)))
+    return render(rng, w, h, num_classes=num_classes, num_objects=int(rng.integers(1, max_objects + 1)),
+                  min_fraction=min_fraction)
 
 
 def _size_range(img_size) -> tuple[int, int]:
@@ -177,10 +181,12 @@ def _size_range(img_size) -> tuple[int, int]:
 
 
 def generate_dataset(out_dir: str | os.PathLike, *, num_train: int = 160, num_val: int = 40, img_size=(128, 256),
-                     seed: int = 0, num_classes: int = 5, max_objects: int = 8, quality: int = 90) -> Path:
+                     seed: int = 0, num_classes: int = 5, max_objects: int = 8, quality: int = 90,
+                     min_fraction: float = 0.0) -> Path:
     """Write the dataset described in the module docstring into `out_dir` (new or empty, so no stale
     file joins the dataset); returns it as a Path. `img_size` is a side for square images or (lo, hi):
-    width and height each drawn from [lo, hi]."""
+    width and height each drawn from [lo, hi]. `min_fraction` > 0 makes an easier set: no object
+    smaller than that fraction of the image's shorter side."""
     _size_range(img_size)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -191,9 +197,12 @@ def generate_dataset(out_dir: str | os.PathLike, *, num_train: int = 160, num_va
         raise ConfigError(f"synthetic dataset needs num_train + num_val > 0 and max_objects >= 1, got "
                           f"{num_train}, {num_val}, {max_objects}")
     names = list(SHAPES[:num_classes])
+    if not 0.0 <= min_fraction <= MAX_FRACTION:
+        raise ConfigError(f"synthetic min_fraction must be in [0, {MAX_FRACTION}], got {min_fraction}")
     for split, n in (("train", num_train), ("val", num_val)):
         _write_split(out, split, n, names, quality,
-                     {"seed": seed, "img_size": img_size, "num_classes": num_classes, "max_objects": max_objects})
+                     {"seed": seed, "img_size": img_size, "num_classes": num_classes, "max_objects": max_objects,
+                      "min_fraction": float(min_fraction)})
     (out / "data.yaml").write_text(yaml.safe_dump(
         {"train": "train/images", "val": "val/images", "nc": num_classes, "names": names}, sort_keys=False))
     return out
@@ -236,11 +245,13 @@ def synthetic_dataset(root: str | os.PathLike | None = None, **kw) -> Path:
         bound = inspect.signature(generate_dataset).bind(None, **kw)
     except TypeError as e:
         raise ConfigError(f"synthetic dataset: {e} (options: num_train, num_val, img_size, seed, num_classes, "
-                          f"max_objects, quality)") from e
+                          f"max_objects, quality, min_fraction)") from e
     bound.apply_defaults()
     params = {k: v for k, v in bound.arguments.items() if k != "out_dir"}
     params["img_size"] = list(_size_range(params["img_size"]))
-    key = json.dumps({**params, "version": GENERATOR_VERSION}, sort_keys=True)
+    # an option at its default stays out of the key, so datasets cached before it existed are reused
+    key_params = {k: v for k, v in params.items() if not (k == "min_fraction" and v == 0.0)}
+    key = json.dumps({**key_params, "version": GENERATOR_VERSION}, sort_keys=True)
     cache = cache_root(root)
     final = cache / f"synthetic-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if final.is_dir():
