@@ -95,12 +95,12 @@ def check_anchors(dataset, anchors: Sequence, img_size: int, anchor_t: float, *,
                   seed: int = 0) -> tuple[list | None, dict]:
     """Refitted anchors (per level, [w1, h1, ...] rows as model tables give them) when `anchors`
     cover `dataset` at `img_size` worse than `min_bpr` and the fit does better, else None; and a
-    report {boxes, bpr, new_bpr}."""
+    report {boxes, bpr, new_bpr (None when no fit was tried), refitted}."""
     wh = label_sizes(dataset, img_size)
     levels = [np.asarray(lvl, np.float64).reshape(-1, 2) for lvl in anchors]
     na = sum(len(lvl) for lvl in levels)
     old = bpr(wh, np.concatenate(levels), anchor_t)
-    report = {"boxes": int(len(wh)), "bpr": old, "new_bpr": None}
+    report = {"boxes": int(len(wh)), "bpr": old, "new_bpr": None, "refitted": False}
     log.info("anchors: best possible recall %.4f over %d boxes at %d px", old, len(wh), img_size)
     if old >= min_bpr or len(wh) < na:
         return None, report
@@ -113,4 +113,5 @@ def check_anchors(dataset, anchors: Sequence, img_size: int, anchor_t: float, *,
     per = len(levels[0])
     rows = [[round(float(v), 1) for v in k[i * per:(i + 1) * per].ravel()] for i in range(len(levels))]
     log.info("anchors: refitted to the data, best possible recall %.4f -> %.4f: %s", old, new, rows)
+    report["refitted"] = True
     return rows, report

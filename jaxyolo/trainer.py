@@ -139,7 +139,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     recipe = run_recipe(options)
     det = _initial_detector(options, train_ds.num_classes)
     teacher = _teacher(options)
-    anchors = _run_anchors(options, recipe, det, teacher, train_ds)
+    anchors, anchor_report = _run_anchors(options, recipe, det, teacher, train_ds)
     if anchors is not None:
         det = _initial_detector(options, train_ds.num_classes, anchors=anchors)
     if teacher is not None:
@@ -211,7 +211,8 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
 
     step = int(np.asarray(state.step)[0])
     emit({"event": "start", "iterations": cfg.total_iters, "step": step, "population": pop,
-          "train_images": len(train_ds), "val_images": len(val_ds), "batches_per_epoch": nb})
+          "train_images": len(train_ds), "val_images": len(val_ds), "batches_per_epoch": nb,
+          "anchors": anchor_report})
     base_key = jax.random.key(options.seed)
     t_start = time.time() - elapsed0  # time_s counts the saved run's time up to its checkpoint
 
@@ -314,18 +315,18 @@ def run_recipe(options: TrainOptions) -> dict:
 
 
 def _run_anchors(options: TrainOptions, recipe: dict, det, teacher, train_ds):
-    """The anchors a fresh model should take instead of its table's (None: keep them): with
+    """(anchors, report): the anchors a fresh model should take instead of its table's (None: keep
+    them) and what was checked (None: nothing). With
     `autoanchor`, the teacher's when distilling (student and teacher must predict alike), else the
     table's refitted to the training boxes when they cover them badly (`jaxyolo.anchors`)."""
     if not recipe["autoanchor"] or options.weights:
-        return None
+        return None, None
     if teacher is not None:
-        return [[v for wh in lvl for v in wh] for lvl in teacher.spec.anchors]
+        return [[v for wh in lvl for v in wh] for lvl in teacher.spec.anchors], {"from": "teacher"}
     from jaxyolo.anchors import check_anchors
 
     anchor_t = float(H.load_hyp(options.hyp, num_levels=len(det.spec.strides))["anchor_t"])
-    rows, _ = check_anchors(train_ds, det.spec.anchors, options.img_size, anchor_t, seed=options.seed)
-    return rows
+    return check_anchors(train_ds, det.spec.anchors, options.img_size, anchor_t, seed=options.seed)
 
 
 def _initial_detector(options: TrainOptions, nc: int, anchors=None):

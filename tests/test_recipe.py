@@ -141,7 +141,7 @@ def test_check_anchors_keeps_good_anchors_and_refits_bad_ones():
     # boxes at a 200 px long side, trained at 100 px: sizes halve
     good = _Boxes([(40, 52), (120, 180), (64, 46)] * 20)
     rows, report = A.check_anchors(good, anchors, 100, 4.0)
-    assert rows is None and report["bpr"] == 1.0 and report["boxes"] == 60
+    assert rows is None and report["bpr"] == 1.0 and report["boxes"] == 60 and not report["refitted"]
     bad = _Boxes([(4, 120), (120, 4), (6, 150)] * 20)  # needle-thin at 2 x 60 px etc.: no default fits
     rows, report = A.check_anchors(bad, anchors, 100, 4.0)
     assert report["bpr"] < 0.98 and report["new_bpr"] > report["bpr"]
@@ -204,10 +204,12 @@ def test_a_run_takes_refitted_anchors_or_the_teacher_s():
     good = _Boxes([(40, 52), (120, 180), (64, 46)] * 20)
     opts = TrainOptions(img_size=96)
     on = H.load_recipe()
-    assert _run_anchors(opts, on, det, None, good) is None
-    rows = _run_anchors(opts, on, det, None, bad)
+    rows, report = _run_anchors(opts, on, det, None, good)
+    assert rows is None and report["bpr"] == 1.0 and not report["refitted"]
+    rows, report = _run_anchors(opts, on, det, None, bad)
+    assert report["refitted"] and report["new_bpr"] > report["bpr"]
     assert rows is not None and A.bpr(np.asarray([(2.88, 57.6), (57.6, 2.88), (3.84, 72)]), rows, 4.0) == 1.0
-    assert _run_anchors(opts, on, det, teacher, bad) == [[5, 5, 6, 6, 7, 7], [8, 8, 9, 9, 10, 10],
-                                                          [11, 11, 12, 12, 13, 13]]
-    assert _run_anchors(opts, {**on, "autoanchor": False}, det, None, bad) is None
-    assert _run_anchors(TrainOptions(img_size=96, weights="w.npz"), on, det, None, bad) is None
+    assert _run_anchors(opts, on, det, teacher, bad)[0] == [[5, 5, 6, 6, 7, 7], [8, 8, 9, 9, 10, 10],
+                                                             [11, 11, 12, 12, 13, 13]]
+    assert _run_anchors(opts, {**on, "autoanchor": False}, det, None, bad) == (None, None)
+    assert _run_anchors(TrainOptions(img_size=96, weights="w.npz"), on, det, None, bad) == (None, None)

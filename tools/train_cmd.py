@@ -87,6 +87,12 @@ class ProgressPrinter:
             self.echo(f"{info['train_images']} training / {info['val_images']} validation images, "
                       f"{self.nb} iterations per epoch, population {info['population']}"
                       + (f"; resuming at iteration {info['step']}" if info["step"] else ""))
+            rep = info.get("anchors")
+            if rep and "bpr" in rep:
+                self.echo(f"anchors: best possible recall {rep['bpr']:.4f} over {rep['boxes']} training boxes"
+                          + (f"; refitted to the data: {rep['new_bpr']:.4f}" if rep.get("refitted") else "; kept"))
+            elif rep:
+                self.echo("anchors: the teacher's")
         elif ev == "step":
             step = info["step"]
             if self.bar is None:
