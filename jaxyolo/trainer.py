@@ -248,6 +248,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
                     sums, count = _accumulate(sums, count, pending, options, step - 1, events.append)
                     pending = None
                     save(state, sums, count)
+                    store.wait()  # the events promise a state on disk; epoch-end saves stay asynchronous
                     for event in events:
                         emit(event)
             sums, count = _accumulate(sums, count, pending, options, step - 1, emit)  # an epoch ends on a step
