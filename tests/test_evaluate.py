@@ -17,6 +17,7 @@ from jaxyolo.data.dataset import DetectionDataset
 from jaxyolo.errors import JaxyoloError
 from jaxyolo.evaluate import (
     STAT_NAMES,
+    COCO_ENGINES,
     coco_evaluate,
     detections_to_coco,
     evaluate_predictions,
@@ -56,9 +57,10 @@ def published_3dp(iou_type: str) -> list[float]:
 
 
 @needs_cocoapi
+@pytest.mark.parametrize("engine", COCO_ENGINES)
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
-def test_coco_reproduces_cocoapi_demo(iou_type):
-    res = coco_evaluate(GT_JSON, COCOAPI_DIR / RESULTS[iou_type], iou_type=iou_type)
+def test_coco_reproduces_cocoapi_demo(iou_type, engine):
+    res = coco_evaluate(GT_JSON, COCOAPI_DIR / RESULTS[iou_type], iou_type=iou_type, engine=engine)
     got = [res[k] for k in STAT_NAMES]
     assert [round(v, 3) for v in got] == published_3dp(iou_type)
     np.testing.assert_allclose(got, PUBLISHED[iou_type], rtol=0, atol=1e-12)
@@ -67,6 +69,25 @@ def test_coco_reproduces_cocoapi_demo(iou_type):
     assert math.isclose(np.mean(per_class), res["AP"], abs_tol=1e-12)
     assert res["per_class"]["person"]["category_id"] == 1 and res["per_class"]["person"]["n_gt"] > 0
     assert res["summary"].count("\n") == 11 and f"= {published_3dp(iou_type)[0]:.3f}" in res["summary"]
+    assert res["summary"] == pycocotools_printed(iou_type)  # line for line
+
+
+def pycocotools_printed(iou_type: str) -> str:
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(GT_JSON))
+        ev = COCOeval(gt, gt.loadRes(str(COCOAPI_DIR / RESULTS[iou_type])), iou_type)
+        ev.evaluate()
+        ev.accumulate()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ev.summarize()
+    return out.getvalue().rstrip("\n")
 
 
 def small_gt() -> dict:
@@ -80,18 +101,20 @@ def small_gt() -> dict:
     }
 
 
-def test_coco_perfect_and_empty_detections(capsys):
+@pytest.mark.parametrize("engine", COCO_ENGINES)
+def test_coco_perfect_and_empty_detections(capsys, engine):
     gt = small_gt()
     perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
                for a in gt["annotations"]]
-    res = coco_evaluate(gt, perfect)
+    res = coco_evaluate(gt, perfect, engine=engine)
     assert res["AP"] == res["AP50"] == 1.0
     assert res["per_class"]["cat"]["AP"] == 1.0 and math.isnan(res["per_class"]["dog"]["AP"])
-    empty = coco_evaluate(gt, [])
+    empty = coco_evaluate(gt, [], engine=engine)
     assert all(empty[k] in (0.0, -1.0) for k in STAT_NAMES) and empty["AP"] == 0.0
     assert empty["per_class"]["cat"]["AP"] == 0.0
-    assert capsys.readouterr().out == ""  # pycocotools' printing is captured
-    assert gt == small_gt()  # pycocotools writes into annotations; ours are copies
+    assert capsys.readouterr().out == ""  # the engine's printing is captured
+    assert gt == small_gt()  # cocoapi writes into annotations; ours are copies
+    assert perfect[0] == {"image_id": 1, "category_id": 5, "bbox": [10, 10, 40, 40], "score": 0.9}
 
 
 def write(tmp_path, name, obj) -> Path:
@@ -156,7 +179,7 @@ def test_eval_command_prints_cocoapi_table_and_json(capsys):
     args = parser.parse_args(["eval", "--gt", str(GT_JSON), "--dets", str(COCOAPI_DIR / RESULTS["bbox"]), "--json"])
     assert evaluate_cmd.run(args) == 0
     obj = json.loads(capsys.readouterr().out)
-    assert [obj[k] for k in STAT_NAMES] == list(PUBLISHED["bbox"])
+    np.testing.assert_allclose([obj[k] for k in STAT_NAMES], PUBLISHED["bbox"], rtol=0, atol=1e-12)
     assert obj["per_class"]["person"]["category_id"] == 1
 
 
