@@ -208,6 +208,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     (out / "options.json").write_text(json.dumps(meta["options"], indent=1))
     state = jax.device_put(state, pop_sharding)
     tb = _tensorboard(out)
+    weights = _Background()
 
     step = int(np.asarray(state.step)[0])
     emit({"event": "start", "iterations": cfg.total_iters, "step": step, "population": pop,
@@ -263,12 +264,12 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
                            float(np.asarray(pending["lr"])[m]))
                 rows.append(row)
                 if results[m] is not None and options.save_weights:
-                    member_det = T.ema_detector(det, T.member(jax.device_get(state), m))
+                    # device-side slices: fresh buffers that the next step's donation cannot touch
+                    member_det = T.ema_detector(det, T.member(state, m))
                     folder = out / "weights" / (f"member{m}" if pop > 1 else "")
-                    _save_detector(member_det, folder / "last")
-                    if row["fitness"] > best[m]:
-                        best[m] = row["fitness"]
-                        _save_detector(member_det, folder / "best")
+                    improved = row["fitness"] > best[m]
+                    best[m] = max(best[m], row["fitness"])
+                    weights.submit(_save_weights, member_det, folder, improved)
             history.extend(rows)
             _write_csv(out / "results.csv", history)
             if results[0] is not None and options.plots:
@@ -278,7 +279,8 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
                            step=epoch, prefix=f"member{row['member']}/" if pop > 1 else "")
             save(state, None, None)
             emit({"event": "epoch", "epoch": epoch, "epochs": options.epochs, "rows": rows})
-    finally:  # a run that stops on an error still leaves its last state complete
+    finally:  # a run that stops on an error still leaves its last state and weights complete
+        weights.wait()
         store.wait()
     tb.close()
     final = jax.device_get(state)
@@ -475,6 +477,40 @@ def _save_detector(det, path: Path) -> None:
     det.save(tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+
+
+def _save_weights(det, folder: Path, improved: bool) -> None:
+    """weights/last, and weights/best as a copy of it when the epoch improved the fitness."""
+    _save_detector(det, folder / "last")
+    if improved:
+        tmp = folder / "best.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(folder / "last", tmp)
+        shutil.rmtree(folder / "best", ignore_errors=True)
+        os.replace(tmp, folder / "best")
+
+
+class _Background:
+    """One writer thread, so that an epoch's weights are written while the next epoch trains.
+    Jobs run in order, one at a time; an error in one is raised by the next submit or wait."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxyolo-weights")
+        self._pending = []
+
+    def submit(self, fn, *args) -> None:
+        for f in self._pending:
+            if f.done():
+                f.result()  # a failed write stops the run here
+        self._pending = [f for f in self._pending if not f.done()]
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
 
 
 def _check_resumable(saved: dict, meta: dict) -> None:

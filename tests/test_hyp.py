@@ -26,7 +26,7 @@ SPEC_SCRATCH_S = {
 SPEC_SCRATCH_CSP = {**SPEC_SCRATCH_S, "cls": 0.3, "obj": 0.7, "scale": 0.9}
 SPEC_FILE_ONLY = {"iou_t": 0.20, "fl_gamma": 0.0}  # in both columns; read but not used
 # the bundled default's values that differ from reference-s (README, "Training recipe")
-DEFAULT_CHANGES: dict = {}
+DEFAULT_CHANGES: dict = {"box": 0.2}
 
 # ultralytics/yolov5 v6.0 data/hyps/hyp.scratch.yaml (spec §9: the first column with lrf 0.1, plus
 # copy_paste), with the optional `anchors` key its comments describe
