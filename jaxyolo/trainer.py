@@ -185,7 +185,8 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     det.training = {"img_size": options.img_size, "recipe": recipe, "hyp": hyp_list[0], "data": str(options.data)}
     graphdef = nnx.split(det.model, nnx.Param, nnx.BatchStat)[0]
 
-    store = _StateStore(out / "state")
+    writer = _Background()  # every checkpoint write of the run, in order, off the training thread
+    store = _StateStore(out / "state", writer)
     meta = {"format": STATE_FORMAT, "options": _jsonable(dataclasses.asdict(options)), "hyps": hyp_list,
             "batches_per_epoch": nb, "population": pop}
     state = initial_population(options, det, pop, init_one)
@@ -208,7 +209,6 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     (out / "options.json").write_text(json.dumps(meta["options"], indent=1))
     state = jax.device_put(state, pop_sharding)
     tb = _tensorboard(out)
-    weights = _Background()
 
     step = int(np.asarray(state.step)[0])
     emit({"event": "start", "iterations": cfg.total_iters, "step": step, "population": pop,
@@ -269,7 +269,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
                     folder = out / "weights" / (f"member{m}" if pop > 1 else "")
                     improved = row["fitness"] > best[m]
                     best[m] = max(best[m], row["fitness"])
-                    weights.submit(_save_weights, member_det, folder, improved)
+                    writer.submit(_save_weights, member_det, folder, improved)
             history.extend(rows)
             _write_csv(out / "results.csv", history)
             if results[0] is not None and options.plots:
@@ -280,8 +280,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
             save(state, None, None)
             emit({"event": "epoch", "epoch": epoch, "epochs": options.epochs, "rows": rows})
     finally:  # a run that stops on an error still leaves its last state and weights complete
-        weights.wait()
-        store.wait()
+        writer.close()
     tb.close()
     final = jax.device_get(state)
     dets = []
@@ -512,6 +511,12 @@ class _Background:
         for f in pending:
             f.result()
 
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
 
 def _check_resumable(saved: dict, meta: dict) -> None:
     if saved.get("format") != STATE_FORMAT:
@@ -545,31 +550,36 @@ class _StateStore:
     """The training state as an Orbax checkpoint (latest only), with its JSON description.
 
     Saves are asynchronous: the state is copied to host memory first (the step donates its
-    buffers), then written while training goes on; Orbax commits a step only once it is complete,
-    so a kill mid-write leaves the previous state as the latest."""
+    buffers), then written by the run's writer thread (`_Background`, which also writes the
+    weights: Orbax saves must not overlap) while training goes on. Orbax commits a step only once
+    it is complete, so a kill mid-write leaves the previous state as the latest."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, writer: "_Background"):
         import orbax.checkpoint as ocp
 
         self.path = path.absolute()
         self._ocp = ocp
         self._mgr = None
+        self._writer = writer
 
     def _manager(self):
         if self._mgr is None:
             ocp = self._ocp
             self._mgr = ocp.CheckpointManager(self.path, options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, enable_async_checkpointing=True), item_names=("state", "meta"))
+                max_to_keep=1, enable_async_checkpointing=False), item_names=("state", "meta"))
         return self._mgr
 
     def exists(self) -> bool:
         return self.path.exists() and self._manager().latest_step() is not None
 
     def save(self, state, meta: dict) -> None:
-        ocp = self._ocp
         host = jax.tree.map(np.array, jax.device_get(_to_pure(state)))  # a copy the next step cannot touch
+        self._writer.submit(self._write, host, _jsonable(meta))
+
+    def _write(self, host, meta: dict) -> None:
+        ocp = self._ocp
         self._manager().save(int(meta["step"]), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(_jsonable(meta))), force=True)
+            state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore(self, template):
         ocp = self._ocp
@@ -581,8 +591,7 @@ class _StateStore:
         return _from_pure(got["state"], template), got["meta"]
 
     def wait(self):
-        if self._mgr is not None:
-            self._mgr.wait_until_finished()
+        self._writer.wait()
 
 
 # the TrainState fields that are nnx.State trees (like the params or the stats)
