@@ -8,6 +8,7 @@ the dataset's own annotation files.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import Counter
 
@@ -138,3 +139,15 @@ def test_predict_draws_every_image(reference, data_env, tmp_path):
             np.testing.assert_allclose(d["box"], np.round(np.asarray(b, np.float64), 2), atol=0.0051)
             x0, y0, x1, y1 = d["box"]
             assert 0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h
+
+
+def test_fast_compile_set_once_is_not_reported_as_ignored(monkeypatch, caplog):
+    """The demo applies --fast-compile before the XLA backend starts; the pipeline's second call
+    must neither warn that it was ignored nor add the flag again."""
+    from jaxyolo.tools import pipeline_cmd
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1 --xla_backend_optimization_level=0")
+    with caplog.at_level("WARNING", logger="jaxyolo"):
+        pipeline_cmd.setup_compilation(None, True)
+    assert "ignored" not in caplog.text
+    assert os.environ["XLA_FLAGS"] == "--xla_foo=1 --xla_backend_optimization_level=0"

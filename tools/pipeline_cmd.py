@@ -42,13 +42,14 @@ def setup_compilation(cache: str | None, fast: bool) -> None:
     An existing JAX_COMPILATION_CACHE_DIR wins over `cache`."""
     import jax
 
-    if fast:
+    fast_flag = "--xla_backend_optimization_level=0"
+    if fast and fast_flag not in os.environ.get("XLA_FLAGS", ""):  # already set by an earlier call: done
         from jax._src import xla_bridge
 
         if xla_bridge.backends_are_initialized():
             logging.getLogger("jaxyolo").warning("--fast-compile: the XLA backend is already running; ignored")
         else:
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {fast_flag}".strip()
     if cache and cache.lower() != "none" and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         Path(cache).mkdir(parents=True, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", str(cache))
