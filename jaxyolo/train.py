@@ -25,6 +25,8 @@ step counter so that every hyper-parameter can differ between members:
   accumulation from 1 up to nominal_batch / batch;
 * lf(e) = cosine (or linear) from 1 to lrf, per epoch;
 * an optimiser step when `step - last_opt_step >= accumulate` (gradients summed in between);
+* (not the reference's) the summed gradients scaled to a global norm of at most `clip_grad` before
+  the step, as ultralytics does (clip_grad 0: off, the reference recipes' value);
 * EMA of parameters and BN statistics with decay 0.9999·(1 − exp(−updates/2000)).
 
 A non-finite loss or gradient skips the whole iteration (no gradient, no BN statistics update)
@@ -227,6 +229,13 @@ def yolo_sgd(groups) -> optax.GradientTransformationExtraArgs:
     return optax.GradientTransformationExtraArgs(init, update)
 
 
+def clip_scale(norm, max_norm):
+    """The factor that brings gradients of global norm `norm` down to `max_norm` (torch's
+    clip_grad_norm_: max_norm / (norm + 1e-6), at most 1); 1 when `max_norm` is 0 (no clipping)."""
+    factor = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    return jnp.where(max_norm > 0, factor, 1.0)
+
+
 def ema_decay(updates):
     return 0.9999 * (1 - jnp.exp(-updates / 2000.0))
 
@@ -281,23 +290,30 @@ class StepCore:
                      weight_decay=hyp["weight_decay"] * self.wd_scale)
         where = lambda c, a, b: jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
 
-        def sgd(opt, params, new_grads, acc_grads, buffers):
+        summed = lambda acc_grads, new_grads: where(finite, jax.tree.map(jnp.add, acc_grads, new_grads), acc_grads)
+        acc = summed(state.grads, grads)
+        aux_acc = summed(state.aux["grads"], aux_grads) if aux_grads is not None else None
+        # one norm over everything the optimiser steps (model and extra parameters), as
+        # torch.nn.utils.clip_grad_norm_ over all parameters does
+        scale = clip_scale(optax.tree.norm((acc, aux_acc)), hyp["clip_grad"])
+
+        def sgd(opt, params, acc, buffers):
             """(params, momentum, summed grads) after this iteration: stepped if `do_opt`, else kept."""
-            acc = where(finite, jax.tree.map(jnp.add, acc_grads, new_grads), acc_grads)
-            updates, new_buffers = opt.update(acc, buffers, params, **rates)
+            clipped = jax.tree.map(lambda a: a * scale, acc)
+            updates, new_buffers = opt.update(clipped, buffers, params, **rates)
             stepped = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
             return (where(do_opt, stepped, params), where(do_opt, new_buffers, buffers),
                     jax.tree.map(lambda a: jnp.where(do_opt, 0.0, a), acc))
 
-        params, buffers, acc = sgd(self.opt, state.params, grads, state.grads, state.momentum)
+        params, buffers, acc = sgd(self.opt, state.params, acc, state.momentum)
         stats = where(finite, new_stats, state.stats)
         ema_updates = state.ema_updates + do_opt.astype(jnp.int32)
         d = ema_decay(ema_updates.astype(jnp.float32))
         blend = lambda e, m: where(do_opt, jax.tree.map(lambda a, b: d * a + (1 - d) * b, e, m), e)
         aux = state.aux
         if aux_grads is not None:
-            a_params, a_buffers, a_acc = sgd(yolo_sgd(aux_groups(aux["params"])), aux["params"], aux_grads,
-                                             aux["grads"], aux["momentum"])
+            a_params, a_buffers, a_acc = sgd(yolo_sgd(aux_groups(aux["params"])), aux["params"], aux_acc,
+                                             aux["momentum"])
             aux = {"params": a_params, "momentum": a_buffers, "grads": a_acc}
         new = TrainState(
             step=ni + 1, params=params, stats=stats, momentum=buffers, grads=acc,
@@ -309,7 +325,7 @@ class StepCore:
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
             aux=aux,
         )
-        metrics = {"lr": lr_other, "lr_bias": lr_bias, "momentum": momentum, "finite": finite,
+        metrics = {"lr": lr_other, "lr_bias": lr_bias, "momentum": momentum, "finite": finite, "clip_scale": scale,
                    "optimizer_step": do_opt, "nonfinite_run": new.nonfinite_run}
         return new, metrics
 

@@ -392,13 +392,15 @@ def _accumulate(sums, count, metrics, options, step, emit):
     vals = {"loss": np.asarray(m["loss"]), "local": np.asarray(m["local"]), "global": np.asarray(m["global"])}
     if "kd" in m:  # distillation terms (obj, cls, box, feat) after weights
         vals["kd"] = np.asarray(m["kd"])
+    if "clip_scale" in m:  # optimiser steps whose gradients were clipped (clip_grad)
+        vals["clipped"] = (np.asarray(m["optimizer_step"]) & (np.asarray(m["clip_scale"]) < 1)).astype(np.float32)
     finite = np.asarray(m["finite"])
     if sums is None:
         sums = {k: np.zeros_like(v) for k, v in vals.items()}
         count = np.zeros_like(finite, np.int64)
     for k, v in vals.items():
         w = finite.reshape(finite.shape + (1,) * (v.ndim - 1))
-        sums[k] = sums[k] + np.where(w, v, 0)
+        sums[k] = sums.get(k, np.zeros_like(v)) + np.where(w, v, 0)  # (a key a resumed epoch lacks starts at 0)
     count = count + finite
     emit({"event": "step", "step": step, "loss": vals["loss"], "lr": np.asarray(m["lr"]), "finite": finite})
     if np.any(run >= options.max_nonfinite):
@@ -430,6 +432,8 @@ def _row(epoch, step, elapsed, sums, count, m, res, pop, lr) -> dict:
     row.update({f"train/{t}": float(glob[i]) for i, t in enumerate(TERMS)})
     for lvl in range(local.shape[0]):
         row.update({f"train/{LEVEL_NAMES[lvl]}/{t}": float(local[lvl, i]) for i, t in enumerate(TERMS)})
+    if "clipped" in sums:  # the share of this epoch's iterations that made a clipped optimiser step
+        row["train/clipped"] = float(sums["clipped"][m] / n)
     if "kd" in sums:
         kd = sums["kd"][m] / n
         row.update({f"train/kd_{t}": float(kd[i]) for i, t in enumerate(D.KD_TERMS)})

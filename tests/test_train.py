@@ -176,6 +176,39 @@ def test_nonfinite_loss_skips_and_counts(single):
     assert bool(m["finite"]) and int(st.nonfinite_run) == 0 and int(st.nonfinite_total) == 1
 
 
+def test_clip_grad_scales_the_step_to_the_max_norm(single):
+    """With weight decay 0 the first step is linear in the gradient g, so clipping to c = |g| / 4
+    moves every weight by exactly a quarter of the unclipped step, and a max above |g| changes
+    nothing. |g| comes from the same iteration run without an optimiser step (summed only)."""
+    det, step = single
+    hyp = {**H.as_arrays(case.hyps()[0]), "weight_decay": jnp.float32(0.0)}
+    st0 = T.init_state(det)
+    key, batch = jax.random.key(3), case.batch(0)
+    summed, m = step(st0.replace(last_opt_step=jnp.int32(0)), batch, {**hyp, "clip_grad": jnp.float32(0.0)}, key)
+    assert not bool(m["optimizer_step"])
+    norm = float(np.linalg.norm(_flat(summed.grads)))
+    assert norm > 0
+    start = _flat(st0.params)
+    moved = {}
+    for c in (0.0, norm / 4, norm * 10):
+        st, m = step(st0, batch, {**hyp, "clip_grad": jnp.float32(c)}, key)
+        assert bool(m["optimizer_step"])
+        moved[c] = _flat(st.params) - start
+        want_scale = 1.0 if c in (0.0, norm * 10) else 0.25
+        np.testing.assert_allclose(float(m["clip_scale"]), want_scale, rtol=1e-4)
+    # (a moved weight is new - old in float32: about 1e-7 of the weight's own size is rounding)
+    np.testing.assert_allclose(moved[norm / 4], moved[0.0] / 4, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(moved[norm * 10], moved[0.0])
+
+
+def test_reference_recipes_do_not_clip_and_the_default_does():
+    assert H.load_hyp("reference-s")["clip_grad"] == 0.0
+    assert H.load_hyp("reference-csp")["clip_grad"] == 0.0
+    assert H.load_hyp("default")["clip_grad"] == 10.0
+    assert H.load_hyp({})["clip_grad"] == 10.0  # a yolov5-style file without the key gets the default
+    assert float(T.clip_scale(jnp.float32(20.0), jnp.float32(10.0))) == pytest.approx(10 / (20 + 1e-6))
+
+
 def test_pad_population_repeats_last_member():
     tree = {"a": jnp.arange(3.0)}
     padded, n = T.pad_population(tree, 4)
