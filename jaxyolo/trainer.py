@@ -49,7 +49,7 @@ from jaxyolo.errors import ConfigError, JaxyoloError
 from jaxyolo.validate import DEFAULT_IOU_TRAIN, validate_population
 
 log = logging.getLogger("jaxyolo.train")
-STATE_FORMAT = "jaxyolo-train-state/2"
+STATE_FORMAT = "jaxyolo-train-state/3"  # 3: leaves packed per dtype (`_StateStore`)
 
 
 class TrainingError(JaxyoloError):
@@ -194,8 +194,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     resumed_sums, elapsed0 = None, 0.0
     best = [-1.0] * pop
     if resume and store.exists():
-        state, saved = store.restore(state)
-        _check_resumable(saved, meta)
+        state, saved = store.restore(state, check=lambda saved: _check_resumable(saved, meta))
         # rows written after the saved state (a kill between the two writes) are redone
         history = [r for r in _read_history(out / "results.csv") if r["iterations"] <= int(saved["step"])]
         best = saved["best_fitness"]
@@ -553,6 +552,13 @@ def _jsonable(d: dict) -> dict:
 class _StateStore:
     """The training state as an Orbax checkpoint (latest only), with its JSON description.
 
+    The state's leaves (about 1,200 for a small model: params, stats, momentum, summed gradients,
+    EMA) are packed into one flat vector per dtype before the write, in the state's flatten order:
+    Orbax's cost is per array, and one array per leaf made every epoch-end save cost about a second
+    of the writer thread's CPU, taken from training on a 2-core machine (measured 1.5 -> 2.6 s per
+    16-iteration epoch of yolov4p at 96 px). `restore` unpacks against the template and names a
+    layout that does not match.
+
     Saves are asynchronous: the state is copied to host memory first (the step donates its
     buffers), then written by the run's writer thread (`_Background`, which also writes the
     weights: Orbax saves must not overlap) while training goes on. Orbax commits a step only once
@@ -577,25 +583,101 @@ class _StateStore:
         return self.path.exists() and self._manager().latest_step() is not None
 
     def save(self, state, meta: dict) -> None:
-        host = jax.tree.map(np.array, jax.device_get(_to_pure(state)))  # a copy the next step cannot touch
-        self._writer.submit(self._write, host, _jsonable(meta))
+        host = jax.device_get(_to_pure(state))
+        packed, layout = _pack(host)  # new host arrays: the next step cannot touch them
+        self._writer.submit(self._write, packed, _jsonable({**meta, "layout": layout}))
 
-    def _write(self, host, meta: dict) -> None:
+    def _write(self, packed, meta: dict) -> None:
         ocp = self._ocp
         self._manager().save(int(meta["step"]), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)), force=True)
+            state=ocp.args.StandardSave(packed), meta=ocp.args.JsonSave(meta)), force=True)
 
-    def restore(self, template):
+    def restore(self, template, check):
+        """(state like `template`, saved meta) of the latest step; `check(saved meta)` runs first
+        (it refuses a run saved with other options, naming them)."""
         ocp = self._ocp
         mgr = self._manager()
         step = mgr.latest_step()
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_pure(template))
-        got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                         meta=ocp.args.JsonRestore()))
-        return _from_pure(got["state"], template), got["meta"]
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        check(meta)
+        pure = _to_pure(template)
+        want = json.loads(json.dumps(_pack_layout(pure)))
+        diff = _layout_difference(meta["layout"], want)
+        if diff:
+            raise ConfigError(f"resume: the training state in {self.path} does not fit this run's model ({diff}); "
+                              "start in a new output directory")
+        got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_packed_abstract(want))))
+        leaves = _unpack(got["state"], want)
+        return _from_pure(jax.tree.unflatten(jax.tree.structure(pure), leaves), template), meta
 
     def wait(self):
         self._writer.wait()
+
+
+def _path_keys(path) -> list:
+    return [getattr(k, "key", getattr(k, "idx", getattr(k, "name", None))) for k in path]
+
+
+def _pack_layout(tree) -> list:
+    """[[path keys, shape, dtype name], ...] of every leaf of `tree` in flatten order: enough to
+    unpack a packed state without a template (`read_state`) and to name what differs on resume."""
+    return [[_path_keys(p), list(np.shape(x)), np.dtype(x.dtype).name] for p, x in jax.tree.leaves_with_path(tree)]
+
+
+def _pack(tree) -> tuple[dict, list]:
+    """Host tree -> ({dtype name: one flat vector of every leaf of that dtype, in order}, layout)."""
+    groups: dict[str, list] = {}
+    for x in jax.tree.leaves(tree):
+        groups.setdefault(np.dtype(x.dtype).name, []).append(np.ravel(np.asarray(x)))
+    return {k: np.concatenate(v) for k, v in groups.items()}, _pack_layout(tree)
+
+
+def _unpack(packed: dict, layout: list) -> list:
+    """The leaves `_pack` packed, in order, as numpy arrays shaped by `layout`."""
+    offsets = dict.fromkeys(packed, 0)
+    out = []
+    for _, shape, dtype in layout:
+        n = int(np.prod(shape, dtype=np.int64))
+        out.append(np.asarray(packed[dtype][offsets[dtype]:offsets[dtype] + n]).reshape(shape))
+        offsets[dtype] += n
+    return out
+
+
+def _layout_difference(saved: list, want: list) -> str:
+    if len(saved) != len(want):
+        return f"{len(saved)} arrays saved, this run has {len(want)}"
+    for (sp, ss, sd), (wp, ws, wd) in zip(saved, want):
+        if (sp, ss, sd) != (wp, ws, wd):
+            return f"{'/'.join(map(str, wp))}: saved {'/'.join(map(str, sp))} {sd}{ss}, this run {wd}{ws}"
+    return ""
+
+
+def read_state(folder: str | Path, step: int | None = None) -> dict:
+    """A saved training state (`out/state`) as nested dicts of numpy arrays, without building the
+    model: the latest step, or `step`."""
+    import orbax.checkpoint as ocp
+
+    folder = Path(folder).absolute()
+    with ocp.CheckpointManager(folder, item_names=("state", "meta")) as mgr:
+        step = mgr.latest_step() if step is None else step
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        layout = meta["layout"]
+        abstract = _packed_abstract(layout)
+        packed = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    out: dict = {}
+    for (path, _, _), leaf in zip(layout, _unpack(packed, layout)):
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = leaf
+    return out
+
+
+def _packed_abstract(layout: list) -> dict:
+    sizes: dict[str, int] = {}
+    for _, shape, dtype in layout:
+        sizes[dtype] = sizes.get(dtype, 0) + int(np.prod(shape, dtype=np.int64))
+    return {k: jax.ShapeDtypeStruct((n,), np.dtype(k)) for k, n in sizes.items()}
 
 
 # the TrainState fields that are nnx.State trees (like the params or the stats)

@@ -16,12 +16,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import yaml
 from helpers import distill_case as dcase
 from helpers import train_case as case
 from helpers import train_runs as R
+from helpers.state_files import saved_state
 from helpers.train_runs import run_on_eight_devices
 from test_train import assert_same_training
 
@@ -323,10 +323,6 @@ def distill_run(runs_root, tmp_path_factory):
         code, out, err = R.cli_main(argv + ["--out", str(root / "run")])
     assert code == 0, err[-3000:]
     return root, argv, out
-
-
-def saved_state(run: Path, step: int) -> dict:
-    return ocp.StandardCheckpointer().restore((run / "state" / str(step) / "state").absolute())
 
 
 def test_train_with_teacher_saves_the_student(distill_run):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from helpers import train_runs as R
+from helpers.state_files import saved_meta, saved_state
 
 import jaxyolo
 from jaxyolo import train as T
@@ -30,15 +30,6 @@ TOTAL = R.EPOCHS * R.NB
 def read_csv(path: Path) -> list[dict]:
     with path.open() as f:
         return list(csv.DictReader(f))
-
-
-def saved_state(run: Path, step: int) -> dict:
-    """The Orbax training state written at `step`, read without the trainer's code."""
-    return ocp.StandardCheckpointer().restore((run / "state" / str(step) / "state").absolute())
-
-
-def saved_meta(run: Path, step: int) -> dict:
-    return json.loads((run / "state" / str(step) / "meta" / "metadata").read_text())
 
 
 def state_steps(run: Path) -> list[int]:
@@ -207,3 +198,21 @@ def test_resume_with_other_options_is_refused(reference, data_env, tmp_path):
         fit(tiny_options(run), resume=True)  # save_every 0 here, 1 in the saved run
     after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_saved_state_is_packed_and_read_back_by_path(reference):
+    """The state is saved as one vector per dtype; `read_state` (the trainer's reader) and the
+    independent reader here give the same named arrays, and the vectors hold nothing else."""
+    from jaxyolo.trainer import read_state
+
+    mine, theirs = read_state(reference / "state"), saved_state(reference, TOTAL)
+    la, lb = jax.tree.leaves_with_path(mine), jax.tree.leaves_with_path(theirs)
+    assert [p for p, _ in la] == [p for p, _ in lb] and len(la) > 100
+    assert all(np.array_equal(x, y) and x.dtype == y.dtype for (_, x), (_, y) in zip(la, lb))
+    assert sorted(ocp_items(reference / "state" / str(TOTAL) / "state")) == ["float32", "int32"]
+
+
+def ocp_items(folder: Path) -> list[str]:
+    import orbax.checkpoint as ocp
+
+    return list(ocp.StandardCheckpointer().restore(folder.absolute()))
