@@ -107,6 +107,8 @@ class TrainState:
     # extra parameters trained beside the model but not part of it (distillation adapters):
     # None, or {"params": pytree, "momentum": like params, "grads": like params} (see `aux_groups`)
     aux: Any = None
+    # the run's length as arrays (`with_run`), or None: the step reads the TrainConfig's constants
+    run: Any = None
 
 
 def init_state(detector, aux_params=None) -> TrainState:
@@ -124,6 +126,17 @@ def init_state(detector, aux_params=None) -> TrainState:
     return TrainState(step=i32(0), params=params, stats=stats, momentum=_zeros_f32(params), grads=_zeros_f32(params),
                       last_opt_step=i32(-1), ema_params=copy(params), ema_stats=copy(stats), ema_updates=i32(0),
                       nonfinite_run=i32(0), nonfinite_total=i32(0), aux=aux)
+
+
+RUN_KEYS = ("epochs", "batches_per_epoch", "min_warmup_iters")
+
+
+def with_run(state: TrainState, config: TrainConfig) -> TrainState:
+    """`state` carrying `config`'s run length (epochs, batches per epoch, warm-up floor) as int32
+    arrays, which the step's schedule then reads instead of constants: one compiled step serves
+    runs of any length on the same shapes (a search's trials and the full runs after it; with the
+    persistent compilation cache, across processes too)."""
+    return state.replace(run={k: jnp.asarray(getattr(config, k), jnp.int32) for k in RUN_KEYS})
 
 
 def _zeros_f32(tree):
@@ -179,12 +192,14 @@ def lr_factor(epoch, lrf, epochs: int, schedule: str):
     return (1 - e / epochs) * (1 - lrf) + lrf
 
 
-def schedule(step, hyp, config: TrainConfig):
-    """(lr of the bias group, lr of the other groups, momentum, accumulate) at iteration `step`."""
-    nb = config.batches_per_epoch
-    lf = lr_factor(step // nb, hyp["lrf"], config.epochs, config.schedule)
+def schedule(step, hyp, config: TrainConfig, run=None):
+    """(lr of the bias group, lr of the other groups, momentum, accumulate) at iteration `step`.
+    `run`: the run length as arrays (`with_run`); None takes `config`'s."""
+    run = run or {k: getattr(config, k) for k in RUN_KEYS}
+    nb = run["batches_per_epoch"]
+    lf = lr_factor(step // nb, hyp["lrf"], run["epochs"], config.schedule)
     base = hyp["lr0"] * lf
-    nw = jnp.maximum(jnp.round(hyp["warmup_epochs"] * nb), config.min_warmup_iters)
+    nw = jnp.maximum(jnp.round(hyp["warmup_epochs"] * nb), run["min_warmup_iters"])
     frac = jnp.clip(step / nw, 0.0, 1.0)
     warm = step <= nw
     lr_bias = jnp.where(warm, hyp["warmup_bias_lr"] + frac * (base - hyp["warmup_bias_lr"]), base)
@@ -284,7 +299,7 @@ class StepCore:
         finite = jnp.stack([jnp.isfinite(total)] + leaves_finite(grads) + leaves_finite(aux_grads)).all()
 
         ni = state.step
-        lr_bias, lr_other, momentum, accumulate = schedule(ni, hyp, config)
+        lr_bias, lr_other, momentum, accumulate = schedule(ni, hyp, config, state.run)
         do_opt = finite & ((ni - state.last_opt_step) >= accumulate)
         rates = dict(lr_bias=lr_bias, lr_other=lr_other, momentum=momentum,
                      weight_decay=hyp["weight_decay"] * self.wd_scale)
@@ -323,7 +338,7 @@ class StepCore:
             ema_updates=ema_updates,
             nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
-            aux=aux,
+            aux=aux, run=state.run,
         )
         metrics = {"lr": lr_other, "lr_bias": lr_bias, "momentum": momentum, "finite": finite, "clip_scale": scale,
                    "optimizer_step": do_opt, "nonfinite_run": new.nonfinite_run}

@@ -171,11 +171,11 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     if teacher is None:
         member_step = T.make_train_step(det, cfg, augment_fn=augment)
         shared: tuple = ()
-        init_one = lambda d, seed: T.init_state(d)
+        init_one = lambda d, seed: T.with_run(T.init_state(d), cfg)
     else:
         member_step = D.make_distill_step(det, teacher, cfg, augment_fn=augment, features=options.kd_features)
         shared = (jax.device_put(D.teacher_params(teacher), NamedSharding(mesh, P())),)
-        init_one = lambda d, seed: D.init_state(d, teacher, features=options.kd_features, seed=seed)
+        init_one = lambda d, seed: T.with_run(D.init_state(d, teacher, features=options.kd_features, seed=seed), cfg)
     use_mosaic = any(h["mosaic"] > 0 for h in hyp_list)
     hyp_arr = jax.device_put(H.stack(hyp_list), pop_sharding)
     # the last `close_mosaic` epochs train on single images (same arrays, same compiled step)
@@ -693,8 +693,9 @@ def _to_pure(state: T.TrainState) -> dict:
     d = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
     for k in _STATE_TREES:
         d[k] = nnx.to_pure_dict(d[k])
-    if d["aux"] is None:  # no adapters: the state has the layout it always had
-        del d["aux"]
+    for k in ("aux", "run"):  # optional parts (adapters, the run length): absent when None
+        if d[k] is None:
+            del d[k]
     return d
 
 
@@ -704,9 +705,9 @@ def _from_pure(d: dict, template: T.TrainState) -> T.TrainState:
         tree = jax.tree.map(lambda x: x, getattr(template, k))
         nnx.replace_by_pure_dict(tree, d[k])
         trees[k] = tree
-    aux = None if template.aux is None else jax.tree.map(jnp.asarray, d["aux"])
-    rest = {k: jnp.asarray(v) for k, v in d.items() if k not in _STATE_TREES + ("aux",)}
-    return template.replace(**rest, **trees, aux=aux)
+    optional = {k: None if getattr(template, k) is None else jax.tree.map(jnp.asarray, d[k]) for k in ("aux", "run")}
+    rest = {k: jnp.asarray(v) for k, v in d.items() if k not in _STATE_TREES + ("aux", "run")}
+    return template.replace(**rest, **trees, **optional)
 
 
 class _NullWriter:

@@ -410,7 +410,7 @@ def _run_unit(step: dict, cfg: PipelineConfig, results: dict, out: Path, emit) -
     if kind == "kst":
         return {"kst": _kst_stage(cfg, results)}
     if kind == "deploy":
-        return {"deploy": _deploy_stage(step, results, out)}
+        return {"deploy": _deploy_stage(step, cfg, results, out)}
     raise AssertionError(kind)
 
 
@@ -487,7 +487,28 @@ def _kst_stage(cfg: PipelineConfig, results: dict) -> dict:
     return {"kind": "kst", "source": "D", "k": k, "rows": rows}
 
 
-def _deploy_stage(step: dict, results: dict, out: Path) -> dict:
+def _detections_picture(det, cfg: PipelineConfig, path: Path, n: int = 8) -> Path | None:
+    """The deployed student's detections (conf >= 0.25) on the first `n` held-out images, drawn
+    over their labelled boxes (white), as one grid; None (logged) when it cannot be drawn."""
+    from jaxyolo import plots
+    from jaxyolo.data.sources import open_dataset
+    from jaxyolo.predict import predict
+
+    try:
+        val = open_dataset(cfg.data, "val")
+        drawn = []
+        for i in range(min(n, len(val))):
+            sample = val[i]
+            boxes, scores, classes = predict(det, sample.image, img_size=cfg.img_size, conf_thres=0.25)
+            drawn.append(plots.draw_detections(sample.image, boxes, classes, scores, val.names,
+                                               gt_boxes=val.labels(i)[0]))
+        return plots.save_grid(drawn, path, cols=4) if drawn else None
+    except Exception as e:  # a picture must never lose a finished stage
+        log.warning("could not draw the detections picture %s: %s", path, e)
+        return None
+
+
+def _deploy_stage(step: dict, cfg: PipelineConfig, results: dict, out: Path) -> dict:
     import jaxyolo
     from jaxyolo.export.latency import profile
 
@@ -500,7 +521,9 @@ def _deploy_stage(step: dict, results: dict, out: Path) -> dict:
     det.save(final / "student")
     prof = profile(det, step["img"], runs=step["runs"], warmup=step["warmup"], threads=step.get("threads"),
                    with_torch=False, with_jax=False, keep_onnx=final)  # the timed files are the parity-gated exports
+    picture = _detections_picture(det, cfg, final / "detections.jpg")
     return {"kind": "deploy", "source": source, "onnx": [f"final/model-{s}.onnx" for s in step["img"]],
+            "picture": None if picture is None else "final/detections.jpg",
             "onnx_max_abs_diff": [r["onnx_parity_max_abs_diff"] for r in prof["rows"]], "checkpoint": "final/student",
             "rows": prof["rows"], "machine": prof["machine"], "runs": prof["runs"], "threads": prof["threads"]}
 

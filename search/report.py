@@ -157,6 +157,9 @@ def write(cfg, out: Path, results: dict) -> Path:
         lines += [f"ONNX model(s): {', '.join(f'`{p}`' for p in dep['onnx'])} (parity-gated against the JAX model); checkpoint: `{dep['checkpoint']}`. "
                   f"Machine: {dep['machine'].get('processor')}, {dep['machine'].get('cpu_count')} CPUs, "
                   f"onnxruntime {dep['machine'].get('onnxruntime')}; median of {dep['runs']} runs, batch 1.", ""]
+        if dep.get("picture"):
+            lines += [f"Its detections on the first held-out images (labelled boxes in white): `{dep['picture']}`", "",
+                      f"![detections of the deployed student]({dep['picture']})", ""]
     for stage, who in (("jhs_l", "JHS_l (teacher)"), ("jhs_s", "JHS_s (student)")):
         res = results.get(stage)
         if res:

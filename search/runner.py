@@ -126,8 +126,12 @@ def train_evaluator(options: SearchOptions, progress: Callable[[dict], None] | N
                              teacher=options.teacher, kd_features=options.kd_features, plots=False,
                              save_weights=False)
         resume = folder.exists() and any(folder.iterdir())
-        res = fit(topts, hyps=list(hyps), resume=resume, progress=progress)
-        return [_member_result(res.history, m, len(hyps)) for m in range(len(hyps))]
+        # every phase trains a multiple of the evolution's population (the grid's smaller or odd
+        # sizes repeat their last member): one compiled step serves all phases, and with the run
+        # length traced (`train.with_run`) the full runs of that population size after the search
+        padded = list(hyps) + [hyps[-1]] * (-len(hyps) % options.population)
+        res = fit(topts, hyps=padded, resume=resume, progress=progress)
+        return [_member_result(res.history, m, len(padded)) for m in range(len(hyps))]
 
     return evaluate
 

@@ -237,6 +237,14 @@ def test_the_final_student_is_exported_and_loadable(minimal_run):
     f0 = jaxyolo.load(res.results["F"]["seeds"][0]["weights"])
     a, b = final.state_dict(), f0.state_dict()
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # the picture of its detections: one tile per held-out image (8 here), named in the report
+    from PIL import Image
+
+    assert dep["picture"] == "final/detections.jpg"
+    with Image.open(out / dep["picture"]) as im:
+        w, h = im.size
+    assert w > 4 * 64 and h > 2 * 64  # a 4 x 2 grid of images at least 64 px each
+    assert "final/detections.jpg" in (out / "report.md").read_text()
 
 
 def test_a_rerun_is_cached_and_a_changed_config_is_refused(minimal_run, runs_root):

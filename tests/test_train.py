@@ -201,6 +201,27 @@ def test_clip_grad_scales_the_step_to_the_max_norm(single):
     np.testing.assert_array_equal(moved[norm * 10], moved[0.0])
 
 
+def test_one_compiled_step_serves_runs_of_any_length():
+    """With the run length in the state (`with_run`), runs of other epochs, batches per epoch and
+    warm-up floors reuse one compiled step, and each follows its own schedule: the lr the step
+    reports equals `schedule` computed from that run's TrainConfig constants."""
+    det, base = case.setup()
+    step = jax.jit(T.make_train_step(det, base))
+    hyp = H.as_arrays(case.hyps()[0])
+    import dataclasses
+
+    runs = [base, dataclasses.replace(base, epochs=7, batches_per_epoch=3, min_warmup_iters=5)]
+    for cfg in runs:
+        st = T.with_run(T.init_state(det), cfg)
+        for ni in range(3):
+            st, m = step(st, case.batch(ni), hyp, jax.random.key(ni))
+            want = T.schedule(jnp.asarray(ni), hyp, cfg)  # the constants' schedule
+            np.testing.assert_allclose(float(m["lr"]), float(want[1]), rtol=1e-6)
+    assert step._cache_size() == 1
+    # the two runs really have different schedules at those iterations
+    assert float(T.schedule(jnp.asarray(2), hyp, runs[0])[1]) != float(T.schedule(jnp.asarray(2), hyp, runs[1])[1])
+
+
 def test_reference_recipes_do_not_clip_and_the_default_does():
     assert H.load_hyp("reference-s")["clip_grad"] == 0.0
     assert H.load_hyp("reference-csp")["clip_grad"] == 0.0

@@ -120,4 +120,7 @@ def run(args) -> int:
     print()
     print(res.report.read_text())
     print(f"total {time.perf_counter() - t0:.0f} s; report: {res.report}")
+    picture = (res.results.get("deploy") or {}).get("picture")
+    if picture:
+        print(f"detections of the deployed student: {out / picture}")
     return 0
