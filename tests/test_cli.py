@@ -142,8 +142,8 @@ def test_predict_draws_every_image(reference, data_env, tmp_path):
 
 
 def test_fast_compile_set_once_is_not_reported_as_ignored(monkeypatch, caplog):
-    """The demo applies --fast-compile before the XLA backend starts; the pipeline's second call
-    must neither warn that it was ignored nor add the flag again."""
+    """A caller that applies --fast-compile before the XLA backend starts: the pipeline's second
+    call must neither warn that it was ignored nor add the flag again."""
     from jaxyolo.tools import pipeline_cmd
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1 --xla_backend_optimization_level=0")
