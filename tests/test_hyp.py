@@ -20,13 +20,17 @@ SPEC_SCRATCH_S = {
     "obj_pw": 1.0, "anchor_t": 4.0, "hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4, "degrees": 0.0,
     "translate": 0.1, "scale": 0.5, "shear": 0.0, "perspective": 0.0, "flipud": 0.0, "fliplr": 0.5,
     "mosaic": 1.0, "mixup": 0.0, "balance": [4.0, 1.0, 0.4], "label_smoothing": 0.0,
-    # jaxyolo's distillation keys (not in the spec): weights 0, i.e. plain training
+    # jaxyolo's keys (not in the spec): no gradient clipping (the reference has none); distillation
+    # weights 0, i.e. plain training
+    "clip_grad": 0.0,
     "kd_obj": 0.0, "kd_cls": 0.0, "kd_box": 0.0, "kd_feat": 0.0, "kd_T": 1.0, "kd_conf": 0.5,
 }
 SPEC_SCRATCH_CSP = {**SPEC_SCRATCH_S, "cls": 0.3, "obj": 0.7, "scale": 0.9}
 SPEC_FILE_ONLY = {"iou_t": 0.20, "fl_gamma": 0.0}  # in both columns; read but not used
 # the bundled default's values that differ from reference-s (README, "Training recipe")
-DEFAULT_CHANGES: dict = {"box": 0.2}
+DEFAULT_CHANGES: dict = {"box": 0.2, "clip_grad": 10.0}
+# a file without a key takes the bundled default's value: a reference file has no clip_grad
+MISSING_FROM_REFERENCE_FILES = {"clip_grad": 10.0}
 
 # ultralytics/yolov5 v6.0 data/hyps/hyp.scratch.yaml (spec §9: the first column with lrf 0.1, plus
 # copy_paste), with the optional `anchors` key its comments describe
@@ -121,15 +125,17 @@ def test_default_is_reference_s_with_the_documented_changes_and_missing_keys_tak
 def test_yolov5_file_with_extra_keys_loads(tmp_path):
     path = tmp_path / "hyp.scratch.yaml"
     path.write_text(YOLOV5_FILE)
-    assert_hyp_equal(H.load_hyp(path), {**SPEC_SCRATCH_S, "lrf": 0.1})
-    assert_hyp_equal(H.load_hyp(str(path)), {**SPEC_SCRATCH_S, "lrf": 0.1})
+    want = {**SPEC_SCRATCH_S, "lrf": 0.1, **MISSING_FROM_REFERENCE_FILES}
+    assert_hyp_equal(H.load_hyp(path), want)
+    assert_hyp_equal(H.load_hyp(str(path)), want)
 
 
 def test_2020_file_with_giou_loads(tmp_path):
     path = tmp_path / "hyp.finetune.yaml"
     path.write_text(SCALED_2020_FILE)
     file = yaml.safe_load(SCALED_2020_FILE)
-    want = {**SPEC_SCRATCH_S, **{k: v for k, v in file.items() if k in H.KEYS}, "box": 0.0296}
+    want = {**SPEC_SCRATCH_S, **{k: v for k, v in file.items() if k in H.KEYS}, "box": 0.0296,
+            **MISSING_FROM_REFERENCE_FILES}
     assert_hyp_equal(H.load_hyp(path), want)
     # the same keys in a dict
     assert H.load_hyp({"giou": 0.07})["box"] == 0.07
