@@ -409,8 +409,6 @@ def population_step(train_step, mesh: Mesh, *, donate: bool = True, replicated: 
     The 'data' axis stays automatic, so BatchNorm keeps whole-batch statistics.
     """
     if replicated is None:
-        replicated = getattr(train_step, "__wrapped_replicated__", None)
-    if replicated is None:
         replicated = _positional_count(train_step) - 4
     if replicated < 0:
         raise ConfigError("population_step: the step must take (state, [shared...], batch, hyp, key)")
@@ -425,18 +423,18 @@ def population_step(train_step, mesh: Mesh, *, donate: bool = True, replicated: 
                    donate_argnums=(0,) if donate else ())
 
 
-def flat_state_step(train_step, treedef, replicated: int = 0):
-    """`train_step` with its state as the flat list of leaves of `treedef` (in and out), for
-    `population_step(..., replicated=replicated)`. Dispatching a jitted call flattens and rebuilds
-    its pytrees in Python: for the TrainState of nested `nnx.State`s (about 1,200 leaves for yolov4p)
-    that cost 15-20 ms a step on the CPU, a list of arrays about a third of it. A loop keeps the
+def flat_state_step(train_step, treedef):
+    """`train_step` with its state as the flat list of leaves of `treedef` (in and out); give
+    `population_step` its `replicated` count (the wrapper's signature no longer tells it).
+    Dispatching a jitted call flattens and rebuilds its pytrees in Python: for the TrainState of
+    nested `nnx.State`s (about 1,200 leaves for yolov4p) that cost 15-20 ms a step on the CPU, a
+    list of arrays about a third of it. A loop keeps the
     leaves between steps and rebuilds the state (`jax.tree.unflatten`) only where it reads it."""
 
     def step(leaves, *rest):
         new, metrics = train_step(jax.tree.unflatten(treedef, leaves), *rest)
         return jax.tree.leaves(new), metrics
 
-    step.__wrapped_replicated__ = replicated
     return step
 
 

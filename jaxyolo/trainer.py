@@ -208,7 +208,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     state = jax.device_put(state, pop_sharding)
     treedef = jax.tree.structure(state)
     # the loop holds the state as its flat leaves (`T.flat_state_step`: a cheaper dispatch)
-    step_fn = T.population_step(T.flat_state_step(member_step, treedef, replicated=len(shared)), mesh)
+    step_fn = T.population_step(T.flat_state_step(member_step, treedef), mesh, replicated=len(shared))
     tb = _tensorboard(out)
 
     step = int(np.asarray(state.step)[0])
