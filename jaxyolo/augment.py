@@ -169,6 +169,34 @@ def warp_image(image, m_inv, out_hw, border_value=BORDER_VALUE):
     return out + (1 - (wy0 + wy1) * (wx0 + wx1)) * jnp.float32(border_value)
 
 
+def warp_image_axis_aligned(image, m_inv, out_hw, border_value=BORDER_VALUE):
+    """`warp_image` for a transform without rotation, shear or perspective: only M^-1's diagonal
+    scale and its translation column are read (the caller guarantees the rest is 0, 0, 1).
+
+    The source coordinates are then separable (u depends on x only, v on y only), so the warp
+    gathers two source rows per output row, blends them, then two columns per output column:
+    2·(Ho + Wo) gathers of whole rows and columns instead of Ho·Wo patch gathers (on the CPU
+    about 10× faster than `warp_image` for a 128 px batch). Same pixel convention, border and
+    uint8 reading as `warp_image`; values equal to float32 rounding.
+    """
+    h, w, ch = image.shape
+    if h < 2 or w < 2:
+        raise ValueError(f"warp_image needs an image of at least 2×2 pixels, got {image.shape}")
+    ho, wo = out_hw
+    m = m_inv.astype(jnp.float32)
+    sx = jnp.clip(m[0, 0] * jnp.arange(wo, dtype=jnp.float32) + m[0, 2], -2.0, w + 1.0)
+    sy = jnp.clip(m[1, 1] * jnp.arange(ho, dtype=jnp.float32) + m[1, 2], -2.0, h + 1.0)
+    x0f, y0f = jnp.floor(sx), jnp.floor(sy)
+    x0, y0 = x0f.astype(jnp.int32), y0f.astype(jnp.int32)
+    px, py = jnp.clip(x0, 0, w - 2), jnp.clip(y0, 0, h - 2)
+    wx0, wx1 = _axis_weights(x0, sx - x0f, px, w)  # (Wo, 1)
+    wy0, wy1 = _axis_weights(y0, sy - y0f, py, h)  # (Ho, 1)
+    rows = wy0[:, None] * _to_unit(image[py]) + wy1[:, None] * _to_unit(image[py + 1])  # (Ho, W, C)
+    out = wx0[None] * rows[:, px] + wx1[None] * rows[:, px + 1]
+    inside = (wy0 + wy1)[:, None] * (wx0 + wx1)[None]
+    return out + (1 - inside) * jnp.float32(border_value)
+
+
 def box_candidates(box1, box2, wh_thr=2.0, ar_thr=20.0, area_thr=0.1, eps=1e-16):
     """The reference's filter: box2 (new, (..., 4) xyxy) is kept when w, h > wh_thr pixels,
     area / area(box1) > area_thr and aspect max(w/h, h/w) < ar_thr. box1 is the old box × s."""
@@ -199,20 +227,26 @@ def _border_hw(border):
     return tuple(int(b) for b in border) if isinstance(border, (tuple, list)) else (int(border), int(border))
 
 
-def random_perspective(key, image, boxes, mask, *, degrees, translate, scale, shear, perspective, border=0):
+def random_perspective(key, image, boxes, mask, *, degrees, translate, scale, shear, perspective, border=0,
+                       axis_aligned: bool = False):
     """The reference's random_perspective for one image (H, W, 3) and its boxes (M, 4) + mask (M,).
 
     The output is (H + 2·border_h, W + 2·border_w): `border` (static int or (h, w) pair) is
     -s/2 for the 2s×2s mosaic canvas (giving s×s) and 0 for a single image. Returns
     (image float32 in [0, 1], boxes, mask) with dropped boxes masked out and zeroed.
+    `axis_aligned=True` (static) draws no rotation, shear or perspective, whatever `degrees`,
+    `shear` and `perspective` say, and warps with `warp_image_axis_aligned`; the caller sets it
+    when those three are 0, where it gives the general path's result.
     """
     bh, bw = _border_hw(border)
     in_hw = image.shape[:2]
     out_hw = (in_hw[0] + 2 * bh, in_hw[1] + 2 * bw)
+    if axis_aligned:
+        degrees = shear = perspective = 0.0
     params = sample_perspective_params(key, degrees=degrees, translate=translate, scale=scale, shear=shear,
                                        perspective=perspective)
     m, m_inv = perspective_matrix(in_hw, out_hw, **params)
-    out = warp_image(image, m_inv, out_hw)
+    out = (warp_image_axis_aligned if axis_aligned else warp_image)(image, m_inv, out_hw)
     boxes, mask = warp_boxes(boxes, mask, m, out_hw, params["scale"])
     return out, boxes, mask
 
@@ -315,7 +349,7 @@ def _pad_rows(x, n):
 
 def augment_batch(key, hyp: Mapping[str, jax.Array], mosaic_canvas, mosaic_boxes, mosaic_classes, mosaic_mask,
                   single_image, single_boxes, single_classes, single_mask, *, out_size: int, mixup_alpha=32.0,
-                  mixup_rows: bool = True):
+                  mixup_rows: bool = True, axis_aligned: bool = False):
     """Augment a batch the reference's way, one compiled program whatever the hyper-parameters.
 
     mosaic_canvas (B, 2s, 2s, 3) and single_image (B, s, s, 3, letterboxed) are uint8 or float in
@@ -333,7 +367,9 @@ def augment_batch(key, hyp: Mapping[str, jax.Array], mosaic_canvas, mosaic_boxes
     Returns images (B, s, s, 3) float32 in [0, 1], boxes (B, 2N, 4), classes (B, 2N) int32, mask
     (B, 2N), N = max(M, Mm): rows [N:] are the mixup partner's, masked out where mixup was not
     applied; masked rows are 0. `mixup_rows=False` (every member's mixup probability is 0) skips
-    mixup and returns N rows: the loss's cost grows with the rows.
+    mixup and returns N rows: the loss's cost grows with the rows. `axis_aligned=True` (every
+    member's degrees, shear and perspective are 0) takes the separable warp of
+    `random_perspective`, with the same result and several times faster on the CPU.
     """
     s = int(out_size)
     b = single_image.shape[0]
@@ -374,7 +410,8 @@ def augment_batch(key, hyp: Mapping[str, jax.Array], mosaic_canvas, mosaic_boxes
 
     def persp(k, im, bx, mk):
         return random_perspective(k, im, bx, mk, degrees=hp["degrees"], translate=hp["translate"],
-                                  scale=hp["scale"], shear=hp["shear"], perspective=hp["perspective"], border=-off)
+                                  scale=hp["scale"], shear=hp["shear"], perspective=hp["perspective"], border=-off,
+                                  axis_aligned=axis_aligned)
 
     images, boxes, mask = jax.vmap(persp)(k_persp, canvas, boxes, mask)
 

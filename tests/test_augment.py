@@ -24,6 +24,7 @@ from jaxyolo.augment import (
     random_perspective,
     warp_boxes,
     warp_image,
+    warp_image_axis_aligned,
 )
 
 S = 32  # output size; the mosaic canvas is 2S
@@ -34,6 +35,7 @@ OFF = S // 2
 _augment = jax.jit(functools.partial(augment_batch, out_size=S))
 _matrix = jax.jit(perspective_matrix, static_argnums=(0, 1))
 _warp = jax.jit(warp_image, static_argnums=2)
+_warp_axis = jax.jit(warp_image_axis_aligned, static_argnums=2)
 _warp_boxes = jax.jit(warp_boxes, static_argnums=3)
 _flip = jax.jit(flip)
 
@@ -207,6 +209,39 @@ def test_subpixel_shift_at_the_edges_matches_numpy(dx, dy):
     out = np.asarray(_warp(jnp.asarray(img), m_inv, (7, 9)))
     ref = _np_warp(img / 255.0, np.asarray(m, np.float64), (7, 9), BORDER_VALUE)
     np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+@pytest.mark.parametrize("scale,tx,ty", [(0.7, 0.55, 0.42), (1.6, 0.31, 0.66), (1.0, 0.5 + 0.5 / 20, 0.5 - 1.75 / 24)])
+def test_axis_aligned_warp_matches_numpy_bilinear(dtype, scale, tx, ty):
+    # scale + translation only: the separable warp against the per-pixel NumPy loop, on a
+    # non-square image whose output shows both image and border (shrunk), or crops it (enlarged)
+    rng = np.random.default_rng(4)
+    img = rng.integers(0, 256, (24, 20, 3)).astype(np.uint8)
+    src = img if dtype == np.uint8 else (img / 255.0).astype(np.float32)
+    _, m_inv = _matrix((24, 20), (18, 26), scale=scale, trans_x=tx, trans_y=ty)
+    out = np.asarray(_warp_axis(jnp.asarray(src), m_inv, (18, 26)))
+    ref = _np_warp(img / 255.0, _np_matrix((24, 20), (18, 26), 0, scale, 0, 0, 0, 0, tx, ty), (18, 26), BORDER_VALUE)
+    np.testing.assert_allclose(out, ref, atol=2e-4)
+    np.testing.assert_allclose(out, np.asarray(_warp(jnp.asarray(src), m_inv, (18, 26))), atol=1e-6)
+
+
+def test_axis_aligned_batch_equals_the_general_path_without_rotation(batch):
+    """axis_aligned=True gives the general warp's images and boxes when degrees, shear and
+    perspective are 0, and ignores them (no rotation drawn) when they are not."""
+    fast = jax.jit(functools.partial(augment_batch, out_size=S, axis_aligned=True))
+    args = (batch["canvas"], batch["mosaic_boxes"], batch["classes"], batch["mask"], batch["single"],
+            batch["single_boxes"], batch["classes"], batch["mask"])
+    h = hyp(hsv_h=0.015, hsv_s=0.7, hsv_v=0.4, translate=0.2, scale=0.5, fliplr=0.5, mosaic=0.5)
+    for key in range(3):
+        want = _augment(jax.random.key(key), h, *args)
+        got = fast(jax.random.key(key), h, *args)
+        np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=1e-5)
+        for g, w in zip(got[1:], want[1:]):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4)
+    rotated = {**h, "degrees": jnp.float32(45.0), "shear": jnp.float32(10.0)}
+    np.testing.assert_allclose(np.asarray(fast(jax.random.key(0), rotated, *args)[0]),
+                               np.asarray(_augment(jax.random.key(0), h, *args)[0]), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- filtering
