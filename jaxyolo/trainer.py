@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 from jaxyolo import distill as D
 from jaxyolo import hyp as H
 from jaxyolo import train as T
-from jaxyolo.data.pipeline import train_batches
+from jaxyolo.data.pipeline import ResizedCache, train_batches
 from jaxyolo.data.sources import open_dataset
 from jaxyolo.errors import ConfigError, JaxyoloError
 from jaxyolo.validate import DEFAULT_IOU_TRAIN, validate_population
@@ -74,6 +74,7 @@ class TrainOptions:
     dtype: str | None = None  # "bfloat16": bf16 compute, float32 master weights
     max_boxes: int = 100
     workers: int = 0
+    cache_mb: int = 1024  # resized training images kept in memory (data.pipeline.ResizedCache); 0: off
     nominal_batch: int = 64
     # None: the hyp file's recipe value (jaxyolo.hyp.RECIPE_DEFAULTS where the file has none)
     min_warmup_iters: int | None = None
@@ -104,6 +105,8 @@ class TrainOptions:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}: expected a positive integer, got {v!r}")
+        if not isinstance(self.cache_mb, int) or self.cache_mb < 0:
+            raise ConfigError(f"cache_mb: expected an integer >= 0, got {self.cache_mb!r}")
         if self.img_size % 32:
             raise ConfigError(f"img_size: must be a multiple of 32 (the largest stride), got {self.img_size}")
         if self.init_seeds is not None:
@@ -225,13 +228,14 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         store.save(state, {**meta, "step": step, "best_fitness": best, "elapsed": time.time() - t_start,
                            "epoch_sums": epoch_sums})
 
+    cache = ResizedCache(train_ds, options.img_size, options.cache_mb << 20) if options.cache_mb else None
     try:
         while step < cfg.total_iters:
             epoch, start_batch = divmod(step, nb)
             batches = train_batches(train_ds, img_size=options.img_size, batch_size=options.batch_size,
                                     max_boxes=single_rows, mosaic_max_boxes=mosaic_rows, seed=options.seed,
                                     epoch=epoch, mosaic=use_mosaic, start_batch=start_batch,
-                                    num_workers=options.workers)
+                                    num_workers=options.workers, cache=cache)
             sums, count, pending = None, 0, None
             if start_batch and resumed_sums:  # the epoch's running averages continue exactly
                 count = np.asarray(resumed_sums["count"], np.int64)
@@ -549,7 +553,7 @@ def _check_resumable(saved: dict, meta: dict) -> None:
         raise ConfigError("resume: the hyper-parameters differ from the saved run's (see its hyp.yaml)")
     defaults = _jsonable({f.name: f.default for f in dataclasses.fields(TrainOptions)})
     a, b = {**defaults, **saved["options"]}, meta["options"]
-    diff = [k for k in b if k not in ("out", "workers", "eval_every", "eval_batch_size",
+    diff = [k for k in b if k not in ("out", "workers", "cache_mb", "eval_every", "eval_batch_size",
                                   "plots", "save_weights") and a.get(k) != b.get(k)]
     if diff:
         raise ConfigError(f"resume: options differ from the saved run: {', '.join(diff)}")

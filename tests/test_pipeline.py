@@ -8,6 +8,7 @@ import pytest
 from jaxyolo.data.dataset import DetectionDataset, Sample, SkipReport
 from jaxyolo.data.pipeline import (
     PAD_VALUE,
+    ResizedCache,
     eval_batches,
     letterbox,
     load_resized,
@@ -224,6 +225,33 @@ def test_worker_and_thread_count_do_not_change_batches():
     ref = all_batches(train_batches(ds, num_workers=0, num_threads=0, **kw))
     assert_same(ref, all_batches(train_batches(ds, num_workers=0, num_threads=3, **kw)))
     assert_same(ref, all_batches(train_batches(ds, num_workers=2, num_threads=1, **kw)))
+
+
+def test_resized_cache_serves_the_same_batches_and_decodes_each_image_once():
+    ds = random_dataset(10)
+    kw = {"img_size": 64, "batch_size": 2, "max_boxes": 4, "seed": 3, "num_threads": 0}
+    ref = [all_batches(train_batches(ds, epoch=e, **kw)) for e in (0, 1)]
+    cache = ResizedCache(ds, 64, max_bytes=1 << 30)
+    ds.loads = 0
+    for e in (0, 1):
+        assert_same(ref[e], all_batches(train_batches(ds, epoch=e, cache=cache, **kw)))
+    # every image decoded at most once over both epochs (a mosaic reads 5 per sample without it)
+    assert ds.loads == len(cache) <= 10
+    threaded = ResizedCache(ds, 64, max_bytes=1 << 30)  # loader threads share one cache
+    assert_same(ref[1], all_batches(train_batches(ds, epoch=1, cache=threaded, **{**kw, "num_threads": 3})))
+    img = cache.get(0)[0]
+    assert not img.flags.writeable and max(img.shape[:2]) == 64
+    with pytest.raises(ValueError, match="cache"):
+        train_batches(ds, epoch=0, cache=ResizedCache(ds, 32, 1 << 30), **kw)
+
+
+def test_resized_cache_keeps_to_its_budget():
+    ds = random_dataset(10)
+    one = load_resized(ds[0], 64, augment=True)[0].nbytes
+    cache = ResizedCache(ds, 64, max_bytes=3 * one)
+    kw = {"img_size": 64, "batch_size": 2, "max_boxes": 4, "seed": 3, "epoch": 0, "num_threads": 0}
+    assert_same(all_batches(train_batches(ds, **kw)), all_batches(train_batches(ds, cache=cache, **kw)))
+    assert 0 < cache.nbytes <= 3 * one and len(cache) < 10
 
 
 def test_eval_batches_pad_last_batch_and_map_back():

@@ -216,3 +216,10 @@ def ocp_items(folder: Path) -> list[str]:
     import orbax.checkpoint as ocp
 
     return list(ocp.StandardCheckpointer().restore(folder.absolute()))
+
+
+def test_cache_budget_must_be_a_non_negative_integer():
+    for bad in (-1, 1.5, "1024"):
+        with pytest.raises(ConfigError, match="cache_mb"):
+            TrainOptions(cache_mb=bad).check()
+    TrainOptions(cache_mb=0).check()  # 0 turns the cache off

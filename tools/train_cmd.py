@@ -38,6 +38,8 @@ def add_parser(subparsers):
     p.add_argument("--act", default="silu", choices=("silu", "mish", "leaky"))
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master weights")
     p.add_argument("--workers", type=int, default=0, help="data loader processes (0: threads in this process)")
+    p.add_argument("--cache-mb", type=int, default=1024,
+                   help="MiB of resized training images kept in memory across epochs (0: read every epoch)")
     p.add_argument("--min-warmup-iters", type=int, default=None,
                    help="floor on warm-up iterations (default: the hyp file's, else 100; reference-s: 1000)")
     p.add_argument("--gain-rule", choices=("per-class", "reference", "yolov5"), default=None,
@@ -64,6 +66,7 @@ def options_from_args(args):
     return TrainOptions(model=args.model, data=args.data, hyp=args.hyp, img_size=args.img, batch_size=args.batch,
                         epochs=args.epochs, out=args.out, weights=args.weights, seed=args.seed, head=args.head,
                         kst=args.kst, act=args.act, dtype="bfloat16" if args.bf16 else None, workers=args.workers,
+                        cache_mb=args.cache_mb,
                         nominal_batch=args.nominal_batch, min_warmup_iters=args.min_warmup_iters,
                         gain_rule=args.gain_rule, close_mosaic=args.close_mosaic, autoanchor=args.autoanchor,
                         schedule=args.schedule, eval_every=args.eval_every, save_every=args.save_every,

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -146,6 +147,7 @@ def mosaic4(
     centre: tuple[int, int] | None = None,
     indices: Sequence[int] | None = None,
     first: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    load: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """yolov5 ``load_mosaic`` without its final ``random_perspective``.
 
@@ -154,7 +156,9 @@ def mosaic4(
     (resized by `load_resized` with ``augment=True``) placed top-left, top-right, bottom-left,
     bottom-right of the centre. Boxes shifted by (padw, padh), clipped to [0, 2s], empty ones
     dropped. ``centre`` (xc, yc) / ``indices`` (the 3 partners) override the draws (tests);
-    ``first`` = (image, boxes, classes) reuses an already resized image ``index``.
+    ``first`` = (image, boxes, classes) reuses an already resized image ``index``; ``load(k)``
+    gives image k's (resized image, boxes, classes) (default: `load_resized` of ``dataset[k]``,
+    e.g. a `ResizedCache`'s ``get``).
 
     Returns (canvas, boxes (N, 4) float32 xyxy, classes (N,) int32).
     """
@@ -172,6 +176,8 @@ def mosaic4(
     for i, k in enumerate(all_indices):
         if i == 0 and first is not None:
             img, boxes, classes = first
+        elif load is not None:
+            img, boxes, classes = load(k)
         else:
             sample = dataset[k]
             img, boxes = load_resized(sample, s, augment=True)
@@ -263,27 +269,69 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarr
     return np.random.default_rng([_TAG_ORDER, int(seed), int(epoch)]).permutation(n)
 
 
+class ResizedCache:
+    """The training images decoded and resized (`load_resized`, augment=True) once per run and kept
+    in memory, up to ``max_bytes`` of pixels; images past the budget are read from their files as
+    before. A mosaic reads 5 images per sample, so without it a 1000-image epoch decodes and
+    resizes 5000 images on the CPU that trains. Shared by the epochs of a run and the threads of
+    a loader (a loader process keeps its own copy). The arrays are read-only: the batch builders
+    copy out of them."""
+
+    def __init__(self, dataset: DetectionDataset, size: int, max_bytes: int):
+        self.dataset, self.size, self.max_bytes = dataset, int(size), int(max_bytes)
+        self.nbytes = 0
+        self._items: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(resized image (h, w, 3) uint8, boxes (M, 4) xyxy in its pixels, classes (M,))."""
+        index = int(index)
+        item = self._items.get(index)
+        if item is not None:
+            return item
+        sample = self.dataset[index]
+        img, boxes = load_resized(sample, self.size, augment=True)
+        item = (img, boxes, np.asarray(sample.classes))
+        for a in item:
+            a.setflags(write=False)
+        with self._lock:
+            if index not in self._items and self.nbytes + img.nbytes <= self.max_bytes:
+                self._items[index] = item
+                self.nbytes += img.nbytes
+        return item
+
+
 class _TrainSample:
-    def __init__(self, dataset, size, max_boxes, mosaic_max_boxes, seed, epoch, mosaic):
+    def __init__(self, dataset, size, max_boxes, mosaic_max_boxes, seed, epoch, mosaic, cache=None):
         self.dataset, self.size, self.max_boxes = dataset, size, max_boxes
         self.mosaic_max_boxes, self.seed, self.epoch, self.mosaic = mosaic_max_boxes, seed, epoch, mosaic
+        self.cache = cache
+
+    def _load(self, index):
+        if self.cache is not None:
+            return self.cache.get(index)
+        sample = self.dataset[index]
+        img, boxes = load_resized(sample, self.size, augment=True)
+        return img, boxes, sample.classes
 
     def __call__(self, index) -> dict:
         index = int(index)
         s = self.size
-        sample = self.dataset[index]
-        img, boxes = load_resized(sample, s, augment=True)
+        img, boxes, classes = self._load(index)
         lb, (r, _), (dw, dh) = letterbox(img, s, auto=False, scaleup=True)
         left, top = letterbox_offsets(dw, dh)
         lb_boxes = boxes * np.float32(r) + np.float32([left, top, left, top])
-        b, c, m, over = pad_boxes(lb_boxes, sample.classes, self.max_boxes)
+        b, c, m, over = pad_boxes(lb_boxes, classes, self.max_boxes)
         if over:
             _warn_overflow("image", index, over, self.max_boxes)
         out = {"image": lb, "boxes": b, "classes": c, "mask": m, "overflow": np.int32(over),
                "index": np.int32(index)}
         if self.mosaic:
             canvas, mb, mc = mosaic4(self.dataset, index, s, sample_rng(self.seed, self.epoch, index),
-                                     first=(img, boxes, sample.classes))
+                                     first=(img, boxes, classes), load=self._load)
             mb, mc, mm, mover = pad_boxes(mb, mc, self.mosaic_max_boxes)
             if mover:
                 _warn_overflow("mosaic", index, mover, self.mosaic_max_boxes)
@@ -404,6 +452,7 @@ def train_batches(
     num_threads: int = 2,
     shuffle: bool = True,
     drop_remainder: bool = True,
+    cache: ResizedCache | None = None,
 ) -> Batches:
     """One epoch of training batches, a dict of numpy arrays each (s = ``img_size``, B, M):
 
@@ -425,9 +474,13 @@ def train_batches(
     the canvases — about four times less host work — and the ``mosaic*`` keys are absent.
     The batches depend only on (seed, epoch) — not on ``num_workers`` (grain processes, each
     building whole batches) or ``num_threads`` (grain threads per process). ``start_batch`` skips
-    that many batches without loading them (exact resume).
+    that many batches without loading them (exact resume). ``cache`` (a `ResizedCache` of this
+    dataset at ``img_size``, kept by the caller across epochs) serves the resized images; the
+    batches are the same with or without it.
     """
     n = len(dataset)
+    if cache is not None and (cache.dataset is not dataset or cache.size != int(img_size)):
+        raise ValueError(f"cache: built for another dataset or size ({cache.size}), not this one at {img_size}")
     if n == 0:
         raise ValueError("empty dataset")
     if seed < 0 or epoch < 0:
@@ -438,7 +491,7 @@ def train_batches(
     if not 0 <= start_batch <= num_batches:
         raise ValueError(f"start_batch {start_batch} outside [0, {num_batches}]")
     transform = _TrainSample(dataset, int(img_size), int(max_boxes), int(mosaic_max_boxes or max_boxes),
-                             int(seed), int(epoch), bool(mosaic))
+                             int(seed), int(epoch), bool(mosaic), cache)
     indices = [int(i) for i in epoch_order(n, seed, epoch, shuffle)[: num_batches * batch_size]]
     return Batches(indices, transform, batch_size=batch_size, drop_remainder=drop_remainder,
                    num_batches=num_batches, start_batch=start_batch, num_workers=num_workers,
