@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from jaxyolo.errors import CheckpointError, ConfigError
+from jaxyolo.files import crc32, quiet_asyncio, reason
 from jaxyolo.export import state_dict as sdmap
 from jaxyolo.models import config as mcfg
 from jaxyolo.models import profile
@@ -183,6 +184,7 @@ class Detector:
                 "options": dataclasses.asdict(self.options), "names": list(self.names),
                 "training": self.training}
         state = nnx.to_pure_dict(nnx.state(self.model))
+        meta["crc32"] = [crc32(x) for x in jax.tree.leaves(jax.device_get(state))]
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
             ckptr.save(path, ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                        force=True)
@@ -247,8 +249,16 @@ def load(path: str | Path) -> Detector:
     path = Path(path).absolute()
     if not (path / "meta").is_dir() or not (path / "state").is_dir():
         raise CheckpointError(f"{path}: not a jaxyolo checkpoint folder (expected 'meta' and 'state' inside)")
+
+    def read(ckptr, what: str, args):
+        try:
+            with quiet_asyncio():
+                return ckptr.restore(path, ocp.args.Composite(**{what: args}))[what]
+        except Exception as e:  # Orbax, TensorStore and json each raise their own types for a damaged file
+            raise CheckpointError(f"{path}: damaged checkpoint, its {what} cannot be read ({reason(e)})") from None
+
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        meta = ckptr.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = read(ckptr, "meta", ocp.args.JsonRestore())
         if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else meta!r}")
         try:
@@ -258,7 +268,14 @@ def load(path: str | Path) -> Detector:
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: checkpoint description is incomplete ({e})") from None
         abstract = nnx.to_pure_dict(nnx.state(det.model))
-        state = ckptr.restore(path, ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        state = read(ckptr, "state", ocp.args.StandardRestore(abstract))
+    sums = meta.get("crc32")  # absent in checkpoints written before it was recorded
+    if sums is not None:
+        leaves = jax.tree.leaves(state)
+        bad = len(sums) != len(leaves) or any(crc32(x) != c for x, c in zip(leaves, sums))
+        if bad:
+            raise CheckpointError(f"{path}: damaged checkpoint, its weights differ from the checksums saved with "
+                                  "them (a file was changed or cut after the save)")
     graphdef, st = nnx.split(det.model)
     nnx.replace_by_pure_dict(st, state)
     det.model = nnx.merge(graphdef, st)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
-import os
 import re
-import secrets
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from jaxyolo.files import atomic_write as _atomic_write
 
 # Results figure geometry: a fixed pixel size per panel, so the PNG's size depends only on the
 # number of panel rows (see `results_figure_size`).
@@ -35,23 +35,6 @@ def class_color(c: int) -> tuple[int, int, int]:
 
 
 # ------------------------------------------------------------------------------------- file output
-
-
-def _atomic_write(out_path, write: Callable) -> Path:
-    """Call write(file_object) on a temporary file beside out_path, then move it over out_path."""
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would carry over to the result; "x" mode keeps the umask's mode.
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return out
 
 
 def _new_figure(width_in: float, height_in: float, dpi: int):

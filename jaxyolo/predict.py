@@ -1,4 +1,8 @@
-"""Detections on image files: letterbox, forward, decode, NMS, boxes back in original pixels."""
+"""Detections on image files: letterbox, forward, decode, NMS, boxes back in original pixels.
+
+Images are decoded by the datasets' reader (`jaxyolo.data.yolo.read_rgb`: EXIF rotation, every PIL
+mode to RGB with 16-bit greys scaled), so a picture is seen the same in training, evaluation and
+prediction."""
 
 from __future__ import annotations
 
@@ -26,16 +30,6 @@ def image_files(source: str | Path) -> list[Path]:
     if not files:
         raise ConfigError(f"source {src}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return files
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ConfigError(f"{path}: not a readable image ({e})") from None
 
 
 def predict(detector, image: np.ndarray, *, img_size: int = 640, conf_thres: float = 0.25, iou_thres: float = 0.45,

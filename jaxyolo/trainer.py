@@ -45,7 +45,8 @@ from jaxyolo import hyp as H
 from jaxyolo import train as T
 from jaxyolo.data.pipeline import ResizedCache, train_batches
 from jaxyolo.data.sources import open_dataset
-from jaxyolo.errors import ConfigError, JaxyoloError
+from jaxyolo.errors import CheckpointError, ConfigError, JaxyoloError
+from jaxyolo.files import crc32, quiet_asyncio, reason
 from jaxyolo.validate import DEFAULT_IOU_TRAIN, validate_population
 
 log = logging.getLogger("jaxyolo.train")
@@ -191,7 +192,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     writer = _Background()  # every checkpoint write of the run, in order, off the training thread
     store = _StateStore(out / "state", writer)
     meta = {"format": STATE_FORMAT, "options": _jsonable(dataclasses.asdict(options)), "hyps": hyp_list,
-            "batches_per_epoch": nb, "population": pop}
+            "batches_per_epoch": nb, "population": pop, "paths": _resolved_paths(options)}
     state = initial_population(options, det, pop, init_one)
     history: list[dict] = []
     resumed_sums, elapsed0 = None, 0.0
@@ -553,10 +554,27 @@ def _check_resumable(saved: dict, meta: dict) -> None:
         raise ConfigError("resume: the hyper-parameters differ from the saved run's (see its hyp.yaml)")
     defaults = _jsonable({f.name: f.default for f in dataclasses.fields(TrainOptions)})
     a, b = {**defaults, **saved["options"]}, meta["options"]
+    # a file option names the same file however it was typed (relative to another folder, absolute)
+    a_paths, b_paths = saved.get("paths") or {}, meta.get("paths") or {}
+    same = lambda k: (a_paths[k] == b_paths[k]) if k in a_paths and k in b_paths else a.get(k) == b.get(k)  # noqa: E731
     diff = [k for k in b if k not in ("out", "workers", "cache_mb", "eval_every", "eval_batch_size",
-                                  "plots", "save_weights") and a.get(k) != b.get(k)]
+                                  "plots", "save_weights") and not same(k)]
     if diff:
-        raise ConfigError(f"resume: options differ from the saved run: {', '.join(diff)}")
+        shown = "; ".join(f"{k}: saved {a.get(k)!r}, given {b.get(k)!r}" for k in diff)
+        raise ConfigError(f"resume: options differ from the saved run ({shown})")
+
+
+PATH_OPTIONS = ("data", "hyp", "weights", "teacher")
+
+
+def _resolved_paths(options: TrainOptions) -> dict:
+    """{option: absolute real path} for the file options that name an existing file or folder."""
+    out = {}
+    for k in PATH_OPTIONS:
+        v = getattr(options, k)
+        if isinstance(v, (str, os.PathLike)) and os.path.exists(v):
+            out[k] = os.path.realpath(v)
+    return out
 
 
 def _jsonable(d: dict) -> dict:
@@ -564,7 +582,7 @@ def _jsonable(d: dict) -> dict:
 
 
 class _StateStore:
-    """The training state as an Orbax checkpoint (latest only), with its JSON description.
+    """The training state as Orbax checkpoints (the last `KEEP`), each with its JSON description.
 
     The state's leaves (about 1,200 for a small model: params, stats, momentum, summed gradients,
     EMA) are packed into one flat vector per dtype before the write, in the state's flatten order:
@@ -576,7 +594,14 @@ class _StateStore:
     Saves are asynchronous: the state is copied to host memory first (the step donates its
     buffers), then written by the run's writer thread (`_Background`, which also writes the
     weights: Orbax saves must not overlap) while training goes on. Orbax commits a step only once
-    it is complete, so a kill mid-write leaves the previous state as the latest."""
+    it is complete, so a kill mid-write leaves the previous state as the latest.
+
+    Each description holds the CRC-32 of every packed vector. `restore` takes the newest state that
+    reads back whole and matches its checksums; a damaged one is moved aside to `damaged-<step>`
+    (kept for inspection, out of Orbax's way) with a warning naming it and the iteration resumed
+    from. With none intact it raises CheckpointError naming the folder."""
+
+    KEEP = 2
 
     def __init__(self, path: Path, writer: "_Background"):
         import orbax.checkpoint as ocp
@@ -590,16 +615,23 @@ class _StateStore:
         if self._mgr is None:
             ocp = self._ocp
             self._mgr = ocp.CheckpointManager(self.path, options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, enable_async_checkpointing=False), item_names=("state", "meta"))
+                max_to_keep=self.KEEP, enable_async_checkpointing=False), item_names=("state", "meta"))
         return self._mgr
 
     def exists(self) -> bool:
-        return self.path.exists() and self._manager().latest_step() is not None
+        return self.path.exists() and bool(self._steps())
+
+    def _steps(self) -> list[int]:
+        try:
+            return sorted(self._manager().all_steps(), reverse=True)
+        except Exception as e:  # noqa: BLE001 - Orbax's own error types for a folder it cannot list
+            raise CheckpointError(f"{self.path}: the training states cannot be listed ({reason(e)})") from None
 
     def save(self, state, meta: dict) -> None:
         host = jax.device_get(_to_pure(state))
         packed, layout = _pack(host)  # new host arrays: the next step cannot touch them
-        self._writer.submit(self._write, packed, _jsonable({**meta, "layout": layout}))
+        sums = {k: crc32(v) for k, v in packed.items()}
+        self._writer.submit(self._write, packed, _jsonable({**meta, "layout": layout, "crc32": sums}))
 
     def _write(self, packed, meta: dict) -> None:
         ocp = self._ocp
@@ -607,25 +639,63 @@ class _StateStore:
             state=ocp.args.StandardSave(packed), meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore(self, template, check):
-        """(state like `template`, saved meta) of the latest step; `check(saved meta)` runs first
-        (it refuses a run saved with other options, naming them)."""
-        ocp = self._ocp
-        mgr = self._manager()
-        step = mgr.latest_step()
-        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        check(meta)
+        """(state like `template`, saved meta) of the newest intact step; `check(saved meta)` runs
+        first (it refuses a run saved with other options, naming them)."""
         pure = _to_pure(template)
         want = json.loads(json.dumps(_pack_layout(pure)))
-        diff = _layout_difference(meta["layout"], want)
-        if diff:
-            raise ConfigError(f"resume: the training state in {self.path} does not fit this run's model ({diff}); "
-                              "start in a new output directory")
-        got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_packed_abstract(want))))
-        leaves = _unpack(got["state"], want)
-        return _from_pure(jax.tree.unflatten(jax.tree.structure(pure), leaves), template), meta
+        damaged = []
+        for step in self._steps():
+            try:
+                meta = self._read(step, "meta", self._ocp.args.JsonRestore())
+                if not isinstance(meta, dict) or "layout" not in meta:
+                    raise _Damaged("its description is incomplete")
+            except _Damaged as e:
+                damaged.append((step, str(e)))
+                continue
+            check(meta)
+            diff = _layout_difference(meta["layout"], want)
+            if diff:
+                raise ConfigError(f"resume: the training state in {self.path} does not fit this run's model "
+                                  f"({diff}); start in a new output directory")
+            try:
+                packed = self._read(step, "state", self._ocp.args.StandardRestore(_packed_abstract(want)))
+                sums = meta.get("crc32")
+                if sums is not None and {k: crc32(v) for k, v in packed.items()} != sums:
+                    raise _Damaged("its arrays differ from the checksums saved with them")
+            except _Damaged as e:
+                damaged.append((step, str(e)))
+                continue
+            if damaged:
+                self._set_aside(damaged, step)
+            leaves = _unpack(packed, want)
+            return _from_pure(jax.tree.unflatten(jax.tree.structure(pure), leaves), template), meta
+        shown = "; ".join(f"step {s}: {r}" for s, r in damaged)
+        raise CheckpointError(f"{self.path}: no intact training state to resume from ({shown}); start in a new "
+                              "output directory, or from weights/last with --weights")
+
+    def _read(self, step: int, item: str, args):
+        try:
+            with quiet_asyncio():
+                return self._manager().restore(step, args=self._ocp.args.Composite(**{item: args}))[item]
+        except Exception as e:  # Orbax, TensorStore and json each raise their own types for a damaged file
+            raise _Damaged(f"its {item} cannot be read ({reason(e)})") from None
+
+    def _set_aside(self, damaged: list, resumed: int) -> None:
+        for step, why in damaged:
+            aside = self.path / f"damaged-{step}"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(self.path / str(step), aside)
+            log.warning("the training state of iteration %d in %s is damaged (%s): moved to %s; resuming from "
+                        "iteration %d, the newest intact one", step, self.path, why, aside, resumed)
+        self._mgr = None  # the manager lists its steps once
 
     def wait(self):
         self._writer.wait()
+
+
+class _Damaged(Exception):
+    """A saved training state that does not read back whole (`_StateStore.restore` tries the one
+    before it)."""
 
 
 def _path_keys(path) -> list:
@@ -672,12 +742,21 @@ def read_state(folder: str | Path, step: int | None = None) -> dict:
     import orbax.checkpoint as ocp
 
     folder = Path(folder).absolute()
-    with ocp.CheckpointManager(folder, item_names=("state", "meta")) as mgr:
-        step = mgr.latest_step() if step is None else step
-        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        layout = meta["layout"]
-        abstract = _packed_abstract(layout)
-        packed = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such training-state folder")
+    try:
+        with quiet_asyncio(), ocp.CheckpointManager(folder, item_names=("state", "meta")) as mgr:
+            step = mgr.latest_step() if step is None else step
+            if step is None:
+                raise CheckpointError(f"{folder}: holds no training state")
+            meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            layout = meta["layout"]
+            abstract = _packed_abstract(layout)
+            packed = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    except CheckpointError:
+        raise
+    except Exception as e:  # Orbax, TensorStore and json each raise their own types for a damaged file
+        raise CheckpointError(f"{folder}: the training state of step {step} cannot be read ({reason(e)})") from None
     out: dict = {}
     for (path, _, _), leaf in zip(layout, _unpack(packed, layout)):
         node = out

@@ -118,7 +118,8 @@ def test_predict_draws_every_image(reference, data_env, tmp_path):
     code, stdout, err = R.cli_main(["predict", "--weights", str(weights), "--source", str(src), "--out", str(out),
                                     "--img", str(R.IMG), "--conf", "0.001"])
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == sorted([f.stem + ".jpg" for f in images] + ["detections.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([f.stem + ".jpg" for f in images]
+                                                           + ["detections.json", "detections.jsonl"])
     for f in images:  # drawn on the original image, at its size
         with Image.open(out / (f.stem + ".jpg")) as a, Image.open(f) as b:
             assert a.size == b.size
@@ -126,7 +127,8 @@ def test_predict_draws_every_image(reference, data_env, tmp_path):
     assert [r["file"] for r in records] == [f.name for f in images]
     assert f"{len(images)} image(s), {sum(len(r['detections']) for r in records)} detection(s)" in stdout
 
-    from jaxyolo.predict import predict, read_rgb
+    from jaxyolo.data.yolo import read_rgb
+    from jaxyolo.predict import predict
 
     det = jaxyolo.load(weights)
     for f, rec in zip(images, records):
@@ -139,6 +141,45 @@ def test_predict_draws_every_image(reference, data_env, tmp_path):
             np.testing.assert_allclose(d["box"], np.round(np.asarray(b, np.float64), 2), atol=0.0051)
             x0, y0, x1, y1 = d["box"]
             assert 0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h
+
+
+def test_predict_skips_bad_files_and_reads_every_mode_like_training(reference, data_env, tmp_path):
+    """A zero-byte and a cut-short JPEG among good files are skipped and named; the images after them
+    are done; a 16-bit grey PNG is seen as the datasets see it (not white); every record is in
+    detections.jsonl line by line and in detections.json."""
+    from jaxyolo.data.yolo import read_rgb
+
+    src = tmp_path / "src"
+    src.mkdir()
+    good = sorted((ds_root() / "val" / "images").glob("*.jpg"))[:2]
+    shutil.copy(good[0], src / "a.jpg")
+    (src / "b_empty.jpg").write_bytes(b"")
+    data = good[1].read_bytes()
+    (src / "c_cut.jpg").write_bytes(data[: len(data) // 2])
+    grey = np.asarray(Image.open(good[1]).convert("L"), np.uint16)
+    Image.fromarray(grey * 256 + 128).save(src / "d_grey16.png")
+    assert Image.open(src / "d_grey16.png").mode == "I;16"
+    shutil.copy(good[1], src / "e.jpg")
+    out = tmp_path / "out"
+    code, stdout, err = R.cli_main(["predict", "--weights", str(reference / "weights" / "last"), "--source",
+                                    str(src), "--out", str(out), "--img", str(R.IMG), "--conf", "0.999"])
+    assert code == 0, err
+    assert "b_empty.jpg" in err and "c_cut.jpg" in err and "2 of 5 file(s)" in err
+    records = json.loads((out / "detections.json").read_text())
+    assert [r["file"] for r in records] == ["a.jpg", "d_grey16.png", "e.jpg"]
+    lines = [json.loads(x) for x in (out / "detections.jsonl").read_text().splitlines()]
+    assert lines == records and "3 image(s)" in stdout
+    drawn = np.asarray(Image.open(out / "d_grey16.jpg").convert("L"), float)  # nothing above conf 0.999
+    want = read_rgb(src / "d_grey16.png")[..., 0].astype(float)
+    # the drawing is a JPEG: a few levels of noise; a white image would be 100+ levels off
+    assert np.abs(drawn - want).mean() < 8 and abs(drawn.mean() - grey.mean()) < 3 and drawn.mean() < 200
+    # nothing readable at all: an error, not an empty success
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.jpg").write_bytes(b"")
+    code, _, err = R.cli_main(["predict", "--weights", str(reference / "weights" / "last"), "--source", str(bad),
+                               "--out", str(tmp_path / "out2")])
+    assert code == 2 and "none of the 1 file(s) could be decoded" in err
 
 
 def test_fast_compile_set_once_is_not_reported_as_ignored(monkeypatch, caplog):

@@ -16,7 +16,7 @@ from PIL import Image
 from jaxyolo.data.coco import CocoDataset
 from jaxyolo.data.sources import open_dataset
 from jaxyolo.data.synthetic import generate_dataset, make_sample, synthetic_dataset, synthetic_image
-from jaxyolo.data.yolo import COCO80_CATEGORY_IDS, YoloDataset
+from jaxyolo.data.yolo import COCO80_CATEGORY_IDS, YoloDataset, read_rgb, to_rgb
 from jaxyolo.errors import ConfigError
 
 COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
@@ -75,6 +75,25 @@ def test_yolo_corrupt_image_is_counted_skip(tmp_path):
     assert n == 1 and "2.jpg" in ex
 
 
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+def test_yolo_image_cut_short_is_counted_skip(tmp_path, ext):
+    # a readable header and half the data: PIL opens it, decoding it would fail mid-epoch
+    y = _yolo(tmp_path, {"1": "0 .5 .5 .2 .2\n", "2": "1 .5 .5 .2 .2\n"}, size=(64, 48), ext=ext)
+    f = tmp_path / "images" / "train" / f"2{ext}"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(f)
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with Image.open(f) as im:
+        assert im.size == (64, 48)  # the header alone looks fine
+    with pytest.raises(ConfigError, match="truncated"):
+        read_rgb(f)
+    ds = YoloDataset(y, "train")
+    assert len(ds) == 1 and ds.image_ids == (1,)
+    n, ex = _skips(ds, "corrupt image")
+    assert n == 1 and f"2{ext}" in ex and "truncated" in ex
+    assert ds[0].image.shape == (48, 64, 3)
+
+
 @pytest.mark.parametrize("mode,ext", [("L", ".png"), ("CMYK", ".jpg"), ("RGBA", ".png"), ("P", ".png")])
 def test_yolo_converts_image_modes_to_rgb(tmp_path, mode, ext):
     y = _yolo(tmp_path, {"1": "0 .5 .5 .2 .2\n"}, ext=ext)
@@ -85,6 +104,57 @@ def test_yolo_converts_image_modes_to_rgb(tmp_path, mode, ext):
         assert (s.image == 128).all()
     if mode == "RGBA":  # alpha dropped, as the reference: colour kept under a transparent pixel
         assert tuple(s.image[0, 0]) == (200, 30, 30)
+
+
+# a grey ramp and the RGB colours of a 3 x 4 picture; each PIL mode the reader claims is built from
+# them by hand, so the expected RGB of every pixel is known
+_GREY = np.arange(0, 240, 20, dtype=np.uint8).reshape(3, 4)
+_RGB = np.stack([_GREY, 255 - _GREY, _GREY // 2], -1)
+
+
+def _mode_case(mode):
+    """(PIL image in `mode`, the RGB uint8 the reader must give)."""
+    grey3 = np.repeat(_GREY[..., None], 3, -1)
+    if mode == "1":
+        return Image.fromarray(_GREY > 100), np.repeat((_GREY > 100)[..., None] * np.uint8(255), 3, -1)
+    if mode == "L":
+        return Image.fromarray(_GREY), grey3
+    if mode == "P":  # a palette with colour k at index k
+        im = Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4), "P")
+        im.putpalette(_RGB.reshape(-1).tolist())
+        return im, _RGB
+    if mode == "LA":
+        return Image.merge("LA", [Image.fromarray(_GREY), Image.fromarray(np.zeros_like(_GREY))]), grey3
+    if mode == "RGBA":  # alpha dropped, colour kept under transparent pixels
+        return Image.fromarray(np.concatenate([_RGB, np.zeros_like(_GREY)[..., None]], -1), "RGBA"), _RGB
+    if mode == "CMYK":  # no black: C, M, Y = 255 - R, G, B
+        return Image.fromarray(np.concatenate([255 - _RGB, np.zeros_like(_GREY)[..., None]], -1), "CMYK"), _RGB
+    if mode == "I;16":  # 16-bit grey: the top byte
+        return Image.fromarray(_GREY.astype(np.uint16) * 256 + 255), grey3
+    if mode == "I":
+        return Image.fromarray(_GREY.astype(np.int32) * 256), grey3
+    if mode == "F":  # float grey in [0, 1]
+        return Image.fromarray(_GREY.astype(np.float32) / 255), grey3
+    raise AssertionError(mode)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "LA", "RGBA", "CMYK", "I;16", "I", "F"])
+def test_reader_gives_rgb_for_every_pil_mode(mode):
+    im, want = _mode_case(mode)
+    assert im.mode == mode
+    got = to_rgb(im)
+    assert got.dtype == np.uint8 and got.shape == (3, 4, 3)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("mode,ext", [("I;16", ".png"), ("LA", ".png"), ("CMYK", ".jpg"), ("P", ".png"),
+                                      ("1", ".png"), ("I", ".tif"), ("F", ".tif")])
+def test_reader_reads_each_mode_back_from_a_file(tmp_path, mode, ext):
+    im, want = _mode_case(mode)
+    im.save(tmp_path / f"x{ext}", **({"quality": 100} if ext == ".jpg" else {}))
+    got = read_rgb(tmp_path / f"x{ext}")
+    tol = 12 if ext == ".jpg" else 0  # JPEG is lossy (chroma subsampling on a 3 x 4 picture)
+    assert got.shape == (3, 4, 3) and np.abs(got.astype(int) - want).max() <= tol
 
 
 def test_yolo_wrong_column_count_skips_line(tmp_path):

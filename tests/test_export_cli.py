@@ -70,6 +70,11 @@ def test_export_rejects_bad_options(checkpoint, tmp_path):
     code, _, err = cli_main(["export", "--format", "onnx", "--out", str(tmp_path / "x")])
     assert code == 2 and "--weights" in err
     assert not (tmp_path / "x").exists()
+    # one bad size among good ones: an error naming it before anything is written (not the 64 px file)
+    code, _, err = cli_main(["export", "--weights", str(path), "--format", "onnx", "--img", str(IMG), "100",
+                             "--out", str(tmp_path / "x")])
+    assert code == 2 and "--img" in err and "; 100 is not" in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_profile_reports_the_detectors_size_and_latencies(checkpoint):

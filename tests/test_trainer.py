@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from helpers.state_files import saved_meta, saved_state
 
 import jaxyolo
 from jaxyolo import train as T
-from jaxyolo.errors import ConfigError
+from jaxyolo.errors import CheckpointError, ConfigError
 from jaxyolo.trainer import TrainingError, TrainOptions, fit
 
 TOTAL = R.EPOCHS * R.NB
@@ -64,7 +65,7 @@ def test_resume_after_sigkill_is_exact(killed, reference):
     assert_same_weights(reference / "weights" / "last", killed / "weights" / "last")
     # ... and so is every array of the final training state (params, BN stats, SGD buffers,
     # accumulated gradients, EMA, counters)
-    assert state_steps(reference) == state_steps(killed) == [TOTAL]
+    assert state_steps(reference) == state_steps(killed) == [TOTAL - 1, TOTAL]
     a, b = saved_state(reference, TOTAL), saved_state(killed, TOTAL)
     la, lb = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
     assert [p for p, _ in la] == [p for p, _ in lb]
@@ -119,8 +120,9 @@ def test_results_csv_train_losses_survive_a_resume(reference, killed):
 
 def tiny_options(out: Path, **kw) -> TrainOptions:
     """The options `jaxyolo train` builds from `R.TRAIN_ARGS` (same numbers as the shared runs)."""
-    return TrainOptions(model="yolov4p", data=R.DATA, img_size=R.IMG, batch_size=R.BATCH, nominal_batch=R.BATCH,
-                        min_warmup_iters=2, epochs=R.EPOCHS, seed=0, out=str(out), **kw)
+    base = dict(model="yolov4p", data=R.DATA, img_size=R.IMG, batch_size=R.BATCH, nominal_batch=R.BATCH,
+                min_warmup_iters=2, epochs=R.EPOCHS, seed=0)
+    return TrainOptions(**{**base, **kw}, out=str(out))
 
 
 def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(request, data_env, tmp_path, monkeypatch):
@@ -192,12 +194,98 @@ def test_resume_with_other_options_is_refused(reference, data_env, tmp_path):
     code, _, err = R.cli_main(R.TRAIN_ARGS[:-2] + ["--seed", "1", "--img", "96", "--save-every", "1",
                                                   "--out", str(run), "--resume"])
     assert code == 2 and "options differ" in err
-    named = err.split("options differ from the saved run:")[1].strip().split(", ")
-    assert sorted(named) == ["img_size", "seed"]
-    with pytest.raises(ConfigError, match=r"options differ from the saved run: save_every"):
+    # each differing option with the saved and the given value
+    assert f"img_size: saved {R.IMG}, given 96" in err and "seed: saved 0, given 1" in err
+    assert "save_every" not in err and "data:" not in err
+    with pytest.raises(ConfigError, match=r"options differ from the saved run \(save_every: saved 1, given 0\)"):
         fit(tiny_options(run), resume=True)  # save_every 0 here, 1 in the saved run
     after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_resume_compares_file_options_by_resolved_path(data_env, tmp_path, monkeypatch):
+    """A run started with a relative data path resumes with the same folder given absolutely (from
+    another working directory); a different folder is refused with both values shown."""
+    from jaxyolo.data.sources import parse_options
+    from jaxyolo.data.synthetic import synthetic_dataset
+
+    root = synthetic_dataset(None, **parse_options(R.DATA.partition(":")[2]))
+    other = tmp_path / "copy of data é"
+    shutil.copytree(root, other)
+    start = tmp_path / "start"
+    start.mkdir()
+    monkeypatch.chdir(start)
+    run = tmp_path / "run"
+    rel = os.path.relpath(root, start)
+    fit(tiny_options(run, data=rel, epochs=1, plots=False))
+    monkeypatch.chdir(tmp_path)
+    done = fit(tiny_options(run, data=str(root.resolve()), epochs=1, plots=False), resume=True)
+    assert [r["epoch"] for r in done.history] == [0]
+    with pytest.raises(ConfigError, match="data: saved") as e:
+        fit(tiny_options(run, data=str(other), epochs=1, plots=False), resume=True)
+    assert repr(rel) in str(e.value) and repr(str(other)) in str(e.value)
+
+
+def _cut(folder: Path) -> Path:
+    """Halve the largest array data file under `folder` (a copy's), as a cut copy or full disk does."""
+    data = max((p for p in folder.rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    return data
+
+
+def test_resume_skips_a_damaged_state_to_the_newest_intact_one(reference, data_env, tmp_path, caplog):
+    """The newest state cut in half: resume warns, names it and the iteration it resumes from,
+    moves it aside, and still ends on the unbroken run's weights (the lost iteration is redone)."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    assert state_steps(run) == [TOTAL - 1, TOTAL]  # the last two states are kept
+    _cut(run / "state" / str(TOTAL))
+    with caplog.at_level("WARNING", logger="jaxyolo"):
+        code, _, err = R.cli_main(R.TRAIN_ARGS + ["--save-every", "1", "--out", str(run), "--resume"])
+    assert code == 0, err
+    assert f"training state of iteration {TOTAL}" in caplog.text and "damaged" in caplog.text
+    assert f"resuming from iteration {TOTAL - 1}" in caplog.text
+    assert (run / "state" / f"damaged-{TOTAL}").is_dir() and state_steps(run) == [TOTAL - 1, TOTAL]
+    assert_same_weights(run / "weights" / "last", reference / "weights" / "last")
+
+
+def test_resume_with_every_state_damaged_is_one_clear_error(reference, data_env, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    _cut(run / "state" / str(TOTAL))
+    meta = run / "state" / str(TOTAL - 1) / "meta" / "metadata"
+    meta.write_bytes(meta.read_bytes()[:40])  # a cut JSON description
+    code, out, err = R.cli_main(R.TRAIN_ARGS + ["--save-every", "1", "--out", str(run), "--resume"])
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "no intact training state" in err and str(run / "state") in err
+    assert f"step {TOTAL}: its state cannot be read" in err and f"step {TOTAL - 1}: its meta cannot be read" in err
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02])
+def test_a_kill_inside_the_state_save_never_leaves_a_state_resume_fails_on(reference, data_env, runs_root, tmp_path,
+                                                                           delay):
+    """SIGKILL from a timer started as Orbax begins writing iteration NB + 1's state (the kill lands
+    before, inside or just after the write): the resumed run ends on the unbroken run's weights."""
+    run, info = tmp_path / "run", tmp_path / "info"
+    info.mkdir()
+    argv = R.TRAIN_ARGS + ["--save-every", "1", "--out", str(run)]
+    seen = R.killable(argv, {R.KILL_IN_SAVE_ENV: f"{R.NB + 1}:{delay}", "JAXYOLO_CACHE": str(runs_root / "data")},
+                      info)
+    assert f"SAVING {R.NB + 1}" in seen
+    left = sorted(p.name for p in (run / "state").iterdir())
+    code, _, err = R.cli_main(argv + ["--resume"])
+    assert code == 0, (left, err[-2000:])
+    assert_same_weights(run / "weights" / "last", reference / "weights" / "last")
+
+
+def test_a_damaged_weights_folder_is_one_clear_error(reference, data_env, tmp_path):
+    weights = tmp_path / "last"
+    shutil.copytree(reference / "weights" / "last", weights)
+    _cut(weights / "state")
+    with pytest.raises(CheckpointError, match="damaged checkpoint, its state cannot be read"):
+        jaxyolo.load(weights)
+    code, out, err = R.cli_main(["eval", "--weights", str(weights), "--data", R.DATA])
+    assert code == 2 and "Traceback" not in err and "damaged checkpoint" in err and str(weights) in err
 
 
 def test_saved_state_is_packed_and_read_back_by_path(reference):

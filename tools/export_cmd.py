@@ -72,6 +72,11 @@ def run_export(args) -> int:
     if args.half and "onnx" not in formats:
         raise ConfigError("--half applies to the ONNX export only")
     det, source = load_detector(args)
+    stride = max(det.spec.strides)
+    bad_img = [s for s in args.img if s <= 0 or s % stride]
+    if bad_img:  # every size is checked before the first file is written
+        raise ConfigError(f"--img: sizes must be positive multiples of {stride} (the largest stride); "
+                          f"{', '.join(map(str, bad_img))} {'is' if len(bad_img) == 1 else 'are'} not")
     out = Path(args.out)
     reports = []
     if "onnx" in formats:

@@ -7,7 +7,7 @@ Policy (every skip goes to `self.skipped`, naming the json and annotation id, or
   malformed json / missing key / wrong type ............ ConfigError naming the file and key
   image folder missing, or every image missing ......... ConfigError naming the folder
   image listed in the json but not on disk ............. skip the image ("image file missing")
-  image PIL cannot open ................................ skip the image ("corrupt image")
+  image PIL cannot open, or a JPEG / PNG cut short ... skip the image ("corrupt image")
   json width/height matching neither the file nor
     its EXIF-rotated size .............................. skip the image ("size differs from json")
   iscrowd annotation ................................... not a training target ("crowd annotation")

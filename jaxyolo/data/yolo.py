@@ -8,7 +8,7 @@ A label file is found by the ultralytics rule: the image path's last `/images/` 
 `/labels/` and the extension `.txt`. Label lines are `cls cx cy w h`, normalised to [0, 1].
 
 Policy (every skip goes to `self.skipped`, a SkipReport naming the file, and file:line for lines):
-  image that PIL cannot open ........................... skip the image ("corrupt image")
+  image that PIL cannot open, or a JPEG / PNG cut short . skip the image ("corrupt image")
   greyscale / CMYK / palette / alpha image ............. converted to RGB (alpha dropped, as the reference)
   image without label file, or empty label file ........ kept as a background image (no boxes)
   label file without image (folder splits only) ........ reported ("label file without image")
@@ -73,12 +73,27 @@ COCO80_CATEGORY_IDS = (
 # ----------------------------------------------------------------------------------------- images
 
 
+# the marker that closes a complete file of a format, looked for in its last _TAIL bytes (some
+# writers pad after it): a file cut short has a readable header but not its end
+_END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND"}
+_TAIL = 4096
+
+
 def probe_image(path: str | os.PathLike) -> tuple[int, int, bool]:
     """(height, width, rotated) from the file header alone, so sizing a dataset never decodes pixels.
-    (height, width) is the size as stored; `rotated` says EXIF orientation turns it by 90 degrees."""
+    (height, width) is the size as stored; `rotated` says EXIF orientation turns it by 90 degrees.
+    A JPEG or PNG without its end marker (a cut download or copy) raises OSError ("truncated"):
+    decoding it would fail in the middle of an epoch."""
     with Image.open(path) as im:
         w, h = im.size
-        return h, w, im.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSED_ORIENTATIONS
+        rotated = im.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSED_ORIENTATIONS
+        marker = _END_MARKERS.get(im.format or "")
+    if marker is not None:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - _TAIL))
+            if marker not in f.read():
+                raise OSError(f"truncated {im.format} file (no end marker): {os.path.getsize(path)} bytes")
+    return h, w, rotated
 
 
 def displayed_size(probe: tuple[int, int, bool]) -> tuple[int, int]:
@@ -115,11 +130,21 @@ def read_rgb(path: str | os.PathLike, *, exif: bool = True) -> np.ndarray:
 
 
 def to_rgb(im: Image.Image) -> np.ndarray:
-    """RGB uint8 array. Alpha is dropped rather than composited, as the reference (cv2.imread) does;
-    16-bit greys are scaled down rather than clipped to white."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(im).astype(np.float64)
-        a = np.clip(a / 256 if a.max() > 255 else a, 0, 255).astype(np.uint8)
+    """RGB uint8 array from any PIL mode (1, L, P, LA, RGB, RGBA, CMYK, YCbCr, I;16*, I, F).
+
+    Alpha is dropped rather than composited, as the reference (cv2.imread) does. Greys wider than
+    8 bits are scaled, never clipped to white: 16-bit values (I;16, or I up to 65535) by 1/256, wider
+    integers by 255/max; float greys (F) in [0, 1] by 255, others as integers."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.nan_to_num(np.asarray(im).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        top = float(a.max()) if a.size else 0.0
+        if im.mode == "F" and top <= 1.0:
+            a = a * 255.0
+        elif top > 65535:
+            a = a * (255.0 / top)
+        elif top > 255:
+            a = a / 256.0
+        a = np.clip(np.round(a) if im.mode == "F" else a, 0, 255).astype(np.uint8)
         return np.repeat(a[..., None], 3, axis=-1)
     if im.mode == "P":
         im = im.convert("RGBA")  # palette transparency needs RGBA first, else PIL warns

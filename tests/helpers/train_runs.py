@@ -31,6 +31,9 @@ NB = 16 // BATCH  # iterations per epoch
 TRAIN_ARGS = ["train", "--model", "yolov4p", "--data", DATA, "--img", str(IMG), "--batch", str(BATCH),
               "--nominal-batch", str(BATCH), "--min-warmup-iters", "2", "--epochs", str(EPOCHS), "--seed", "0"]
 PAUSE_ENV = "JAXYOLO_TEST_PAUSE_AT"
+# "STEP:DELAY": SIGKILL the process DELAY seconds after the writer thread starts saving the training
+# state of iteration STEP (inside Orbax's write)
+KILL_IN_SAVE_ENV = "JAXYOLO_TEST_KILL_IN_SAVE"
 
 
 def shared_root(tmp_path_factory) -> Path:
@@ -105,29 +108,9 @@ def killed_and_resumed_run(root: Path) -> Path:
         shutil.rmtree(info, ignore_errors=True)
         info.mkdir()
         argv = TRAIN_ARGS + ["--save-every", "1", "--out", str(path)]
-        env = dict(os.environ, JAXYOLO_CACHE=str(root / "data"), **{PAUSE_ENV: str(NB)})
-        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r}); import runpy; "
-                f"sys.argv = ['x'] + {argv[1:]!r}; runpy.run_module('helpers.train_runs', run_name='__main__')")
-        with open(info / "stderr.txt", "w") as err:
-            proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=err,
-                                    text=True)
-            watchdog = threading.Timer(420, proc.kill)  # a hung run ends the read loop below (EOF)
-            watchdog.start()
-            seen = []
-            try:
-                for line in proc.stdout:
-                    seen.append(line.strip())
-                    if seen[-1] == f"STEP {NB}":  # iteration NB's metrics read: state after it is saved
-                        os.kill(proc.pid, signal.SIGKILL)
-                        break
-            finally:
-                watchdog.cancel()
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait(timeout=60)
-        (info / "stdout.txt").write_text("\n".join(seen))
-        assert seen and seen[-1] == f"STEP {NB}", (seen, (info / "stderr.txt").read_text()[-3000:])
-        assert proc.returncode == -signal.SIGKILL
+        # killed once iteration NB's metrics are read: the state after it is saved
+        seen = killable(argv, {"JAXYOLO_CACHE": str(root / "data"), PAUSE_ENV: str(NB)}, info, until=f"STEP {NB}")
+        assert seen and seen[-1] == f"STEP {NB}", seen
         # what the kill left: the checkpoints and results present now
         (info / "state_steps.txt").write_text(" ".join(sorted(p.name for p in (path / "state").iterdir()
                                                              if p.name.isdigit())))
@@ -140,12 +123,55 @@ def killed_and_resumed_run(root: Path) -> Path:
     return build_once(root / "killed", build)
 
 
+def killable(argv: list[str], env: dict, info: Path, until: str | None = None) -> list[str]:
+    """Run the killable trainer on `jaxyolo train` arguments `argv` in a subprocess with `env`
+    added; SIGKILL it once it prints the line `until` (else wait for it to die or end). Returns
+    its stdout lines; its stderr goes to info/stderr.txt."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r}); import runpy; "
+            f"sys.argv = ['x'] + {argv[1:]!r}; runpy.run_module('helpers.train_runs', run_name='__main__')")
+    seen = []
+    with open(info / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, **env), stdout=subprocess.PIPE,
+                                stderr=err, text=True)
+        hung = []
+        watchdog = threading.Timer(420, lambda: (hung.append(True), proc.kill()))  # ends the read loop (EOF)
+        watchdog.start()
+        try:
+            for line in proc.stdout:
+                seen.append(line.strip())
+                if seen[-1] == until:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+        finally:
+            watchdog.cancel()
+            if proc.poll() is None and until is not None:
+                proc.kill()
+            proc.wait(timeout=60)
+    (info / "stdout.txt").write_text("\n".join(seen))
+    assert not hung and proc.returncode == -signal.SIGKILL, (
+        proc.returncode, seen[-5:], (info / "stderr.txt").read_text()[-3000:])
+    return seen
+
+
 def _drive(argv: list[str]) -> int:
     from jaxyolo.tools import cli, train_cmd
     from jaxyolo.trainer import fit
 
     args = cli.build_parser().parse_args(["train"] + argv)
     pause = int(os.environ.get(PAUSE_ENV, "-1"))
+    if os.environ.get(KILL_IN_SAVE_ENV):
+        from jaxyolo import trainer
+
+        kill_step, delay = os.environ[KILL_IN_SAVE_ENV].split(":")
+        write = trainer._StateStore._write
+
+        def killing_write(self, packed, meta):
+            if int(meta["step"]) == int(kill_step):
+                print(f"SAVING {kill_step}", flush=True)
+                threading.Timer(float(delay), os.kill, (os.getpid(), signal.SIGKILL)).start()
+            write(self, packed, meta)
+
+        trainer._StateStore._write = killing_write
 
     def progress(info):
         if info["event"] == "step":
