@@ -21,6 +21,7 @@ The library does not print: progress goes to the `progress` callback and `loggin
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -207,6 +208,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         log.info("resumed %s at iteration %d", out, int(saved["step"]))
     elif out.exists() and any(out.iterdir()) and not resume:
         raise ConfigError(f"out {out}: exists and is not empty (use --resume to continue, or another --out)")
+    fresh = not out.exists() or not any(out.iterdir())  # nothing of an earlier run is at stake
     out.mkdir(parents=True, exist_ok=True)
     (out / "hyp.yaml").write_text(H.to_yaml(hyp_list[0]))
     (out / "options.json").write_text(json.dumps(meta["options"], indent=1))
@@ -223,7 +225,10 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     base_key = jax.random.key(options.seed)
     t_start = time.time() - elapsed0  # time_s counts the saved run's time up to its checkpoint
 
+    saves = [0]
+
     def save(state, sums, count):
+        saves[0] += 1
         epoch_sums = None if sums is None else {"count": count.tolist(),
                                                 **{k: v.tolist() for k, v in sums.items()}}
         store.save(state, {**meta, "step": step, "best_fitness": best, "elapsed": time.time() - t_start,
@@ -289,6 +294,15 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
                            step=epoch, prefix=f"member{row['member']}/" if pop > 1 else "")
             save(state, None, None)
             emit({"event": "epoch", "epoch": epoch, "epochs": options.epochs, "rows": rows})
+    except BaseException:
+        if fresh and not saves[0]:  # stopped before its first saved state: nothing to resume from
+            with contextlib.suppress(Exception):  # the error being raised is the one to report
+                writer.close()
+                tb.close()
+            for p in out.iterdir():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            log.warning("the run stopped before its first saved state; removed what it had written in %s", out)
+        raise
     finally:  # a run that stops on an error still leaves its last state and weights complete
         writer.close()
     tb.close()

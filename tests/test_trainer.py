@@ -288,6 +288,26 @@ def test_a_damaged_weights_folder_is_one_clear_error(reference, data_env, tmp_pa
     assert code == 2 and "Traceback" not in err and "damaged checkpoint" in err and str(weights) in err
 
 
+def test_a_run_that_fails_before_its_first_state_leaves_no_half_made_folder(data_env, tmp_path, monkeypatch,
+                                                                             caplog):
+    """The first batch fails to load (any loader error): the error reaches the caller, and the
+    folder the run made is emptied, with a warning saying so."""
+    import jaxyolo.trainer as trainer
+
+    def broken(*a, **kw):
+        raise ConfigError("img.jpg: image cannot be decoded (broken data stream)")
+
+    real = trainer.train_batches
+    monkeypatch.setattr(trainer, "train_batches", broken)
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="jaxyolo"), pytest.raises(ConfigError, match="img.jpg"):
+        fit(tiny_options(out, plots=False))
+    assert out.is_dir() and not any(out.iterdir())
+    assert "removed what it had written" in caplog.text and str(out) in caplog.text
+    monkeypatch.setattr(trainer, "train_batches", real)  # the folder is free for a new start
+    assert [r["epoch"] for r in fit(tiny_options(out, plots=False, epochs=1)).history] == [0]
+
+
 def test_saved_state_is_packed_and_read_back_by_path(reference):
     """The state is saved as one vector per dtype; `read_state` (the trainer's reader) and the
     independent reader here give the same named arrays, and the vectors hold nothing else."""

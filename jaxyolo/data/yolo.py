@@ -83,11 +83,14 @@ def probe_image(path: str | os.PathLike) -> tuple[int, int, bool]:
     """(height, width, rotated) from the file header alone, so sizing a dataset never decodes pixels.
     (height, width) is the size as stored; `rotated` says EXIF orientation turns it by 90 degrees.
     A JPEG or PNG without its end marker (a cut download or copy) raises OSError ("truncated"):
-    decoding it would fail in the middle of an epoch."""
+    decoding it would fail in the middle of an epoch. Other formats (BMP, TIFF, WebP, ...: rare in
+    detection datasets, and without such a marker) are decoded once here to be sure."""
     with Image.open(path) as im:
         w, h = im.size
         rotated = im.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSED_ORIENTATIONS
         marker = _END_MARKERS.get(im.format or "")
+        if marker is None:
+            im.load()
     if marker is not None:
         with open(path, "rb") as f:
             f.seek(max(0, os.path.getsize(path) - _TAIL))
