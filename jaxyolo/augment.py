@@ -427,3 +427,13 @@ def augment_batch(key, hyp: Mapping[str, jax.Array], mosaic_canvas, mosaic_boxes
     boxes = jnp.where(mask[..., None], boxes, 0.0)
     classes = jnp.where(mask, classes, 0)
     return images, boxes, classes, mask
+
+
+def augment_host_batch(key, hyp: Mapping[str, jax.Array], batch: Mapping, out_size: int, *,
+                       mixup_rows: bool = True, axis_aligned: bool = False):
+    """`augment_batch` on a host batch dict as `jaxyolo.data.pipeline.train_batches` builds it
+    (``image``, ``boxes``, ``classes``, ``mask`` and, with mosaic, ``mosaic*``): the signature the
+    training steps call (`StepCore`'s default ``augment_fn``)."""
+    return augment_batch(key, hyp, batch.get("mosaic"), batch.get("mosaic_boxes"), batch.get("mosaic_classes"),
+                         batch.get("mosaic_mask"), batch["image"], batch["boxes"], batch["classes"], batch["mask"],
+                         out_size=out_size, mixup_rows=mixup_rows, axis_aligned=axis_aligned)

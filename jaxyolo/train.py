@@ -270,7 +270,7 @@ class StepCore:
         self.config = config
         self.opt = yolo_sgd(param_groups(detector))
         if config.augment and augment_fn is None:
-            from jaxyolo.augment import augment_batch as augment_fn
+            from jaxyolo.augment import augment_host_batch as augment_fn
         self.augment_fn = augment_fn
         self.wd_scale = config.batch_size * config.accumulate / config.nominal_batch
 
@@ -355,7 +355,7 @@ def make_train_step(detector, config: TrainConfig, *, augment_fn: Callable | Non
     """The pure step for `detector`'s architecture: (state, batch, hyp, key) -> (state, metrics).
 
     `batch` (numpy or device arrays): with `config.augment`, the host pipeline's mosaic and single
-    versions (see `jaxyolo.data.pipeline`) which `augment_fn` (default `jaxyolo.augment.augment_batch`)
+    versions (see `jaxyolo.data.pipeline`) which `augment_fn` (default `jaxyolo.augment.augment_host_batch`)
     turns into this member's images and targets; without, `image` (B, S, S, 3) uint8 or float in
     [0, 1] with `boxes`, `classes`, `mask`.
     """

@@ -44,6 +44,7 @@ from jax.sharding import PartitionSpec as P
 from jaxyolo import distill as D
 from jaxyolo import hyp as H
 from jaxyolo import train as T
+from jaxyolo.augment import augment_host_batch
 from jaxyolo.data.pipeline import ResizedCache, train_batches
 from jaxyolo.data.sources import open_dataset
 from jaxyolo.errors import CheckpointError, ConfigError, JaxyoloError
@@ -171,7 +172,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     mesh = _mesh(pop, options)
     pop_sharding = NamedSharding(mesh, P("pop"))
     data_sharding = NamedSharding(mesh, P("data"))
-    augment = functools.partial(_augment, mixup_rows=any(h["mixup"] > 0 for h in hyp_list),
+    augment = functools.partial(augment_host_batch, mixup_rows=any(h["mixup"] > 0 for h in hyp_list),
                                 axis_aligned=all(h[k] == 0 for h in hyp_list for k in AXIS_ALIGNED_KEYS))
     single_rows, mosaic_rows = _box_rows(train_ds, options.max_boxes)
     if teacher is None:
@@ -321,14 +322,6 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
 
 # a population whose hyps all leave these at 0 warps separably (`augment.warp_image_axis_aligned`)
 AXIS_ALIGNED_KEYS = ("degrees", "shear", "perspective")
-
-
-def _augment(key, hyp, batch, out_size, mixup_rows=True, axis_aligned=False):
-    from jaxyolo.augment import augment_batch
-
-    return augment_batch(key, hyp, batch.get("mosaic"), batch.get("mosaic_boxes"), batch.get("mosaic_classes"),
-                         batch.get("mosaic_mask"), batch["image"], batch["boxes"], batch["classes"], batch["mask"],
-                         out_size=out_size, mixup_rows=mixup_rows, axis_aligned=axis_aligned)
 
 
 def _box_rows(train_ds, cap: int) -> tuple[int, int]:

@@ -235,3 +235,23 @@ def test_pad_population_repeats_last_member():
     padded, n = T.pad_population(tree, 4)
     assert n == 3 and padded["a"].tolist() == [0.0, 1.0, 2.0, 2.0]
     assert T.pad_population(tree, 3)[0]["a"].shape == (3,)
+
+
+def test_default_augmentation_reads_the_host_batch():
+    """TrainConfig(augment=True) without an augment_fn augments the host batch dict itself
+    (`augment.augment_host_batch`): with every augmentation gain at 0 it is the identity, so one
+    step equals the un-augmented step on the same batch."""
+    import dataclasses
+
+    det, cfg = case.setup()
+    hyp = H.as_arrays({**case.hyps()[0], **{k: 0.0 for k in ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate",
+                                                                 "scale", "shear", "perspective", "flipud",
+                                                                 "fliplr", "mosaic", "mixup")}})
+    plain = jax.jit(T.make_train_step(det, cfg))
+    augmented = jax.jit(T.make_train_step(det, dataclasses.replace(cfg, augment=True)))
+    a, ma = plain(T.init_state(det), case.batch(0), hyp, jax.random.key(0))
+    b, mb = augmented(T.init_state(det), case.batch(0), hyp, jax.random.key(0))
+    for k in ma:
+        np.testing.assert_allclose(np.asarray(mb[k]), np.asarray(ma[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)

@@ -173,7 +173,7 @@ def population(*, model: str = "yolov4n", batch: int = 8, img: int = 256, pops=(
     import jaxyolo
     from jaxyolo import hyp as H
     from jaxyolo import train as T
-    from jaxyolo.trainer import _augment
+    from jaxyolo.augment import augment_host_batch
 
     det = jaxyolo.create_model(model, num_classes=80, kst=3)
     cfg = T.TrainConfig(epochs=300, batches_per_epoch=100, batch_size=batch, img_size=img, augment=augment)
@@ -183,7 +183,7 @@ def population(*, model: str = "yolov4n", batch: int = 8, img: int = 256, pops=(
     for p in sorted(set(int(x) for x in pops)):
         hyps = [H.load_hyp({**base, "lr0": base["lr0"] * (1 + 0.1 * i), "hsv_v": min(0.9, base["hsv_v"] + 0.05 * i)})
                 for i in range(p)]
-        run = _StepRunner(det, cfg, host, pop=p, augment_fn=_augment if augment else None, hyps=hyps)
+        run = _StepRunner(det, cfg, host, pop=p, augment_fn=augment_host_batch if augment else None, hyps=hyps)
         run()  # the first call also places the state on the mesh
         t = median([timed(run) for _ in range(repeats)])
         single = t if p == 1 else single
