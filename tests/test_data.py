@@ -94,6 +94,15 @@ def test_yolo_image_cut_short_is_counted_skip(tmp_path, ext):
     assert ds[0].image.shape == (48, 64, 3)
 
 
+def test_yolo_keeps_a_jpeg_with_data_after_its_end(tmp_path):
+    # motion photos append a video after the JPEG's end marker: complete, and decoded whole
+    y = _yolo(tmp_path, {"1": "0 .5 .5 .2 .2\n"}, size=(64, 48))
+    f = tmp_path / "images" / "train" / "1.jpg"
+    f.write_bytes(f.read_bytes() + np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes())
+    ds = YoloDataset(y, "train")
+    assert len(ds) == 1 and not ds.skipped.counts and ds[0].image.shape == (48, 64, 3)
+
+
 @pytest.mark.parametrize("mode,ext", [("L", ".png"), ("CMYK", ".jpg"), ("RGBA", ".png"), ("P", ".png")])
 def test_yolo_converts_image_modes_to_rgb(tmp_path, mode, ext):
     y = _yolo(tmp_path, {"1": "0 .5 .5 .2 .2\n"}, ext=ext)

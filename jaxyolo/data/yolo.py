@@ -79,23 +79,28 @@ _END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND"}
 _TAIL = 4096
 
 
+def _tail_holds(path, marker: bytes) -> bool:
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - _TAIL))
+        return marker in f.read()
+
+
 def probe_image(path: str | os.PathLike) -> tuple[int, int, bool]:
     """(height, width, rotated) from the file header alone, so sizing a dataset never decodes pixels.
     (height, width) is the size as stored; `rotated` says EXIF orientation turns it by 90 degrees.
-    A JPEG or PNG without its end marker (a cut download or copy) raises OSError ("truncated"):
-    decoding it would fail in the middle of an epoch. Other formats (BMP, TIFF, WebP, ...: rare in
-    detection datasets, and without such a marker) are decoded once here to be sure."""
+    A file that would fail to decode in the middle of an epoch (a cut download or copy) raises
+    OSError here: a JPEG or PNG whose end marker is in its last bytes is complete; one without it
+    (cut, or with data appended after the image, as motion photos have) and every other format
+    (BMP, TIFF, WebP, ...: rare in detection datasets, and without such a marker) is decoded once."""
     with Image.open(path) as im:
         w, h = im.size
         rotated = im.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSED_ORIENTATIONS
         marker = _END_MARKERS.get(im.format or "")
-        if marker is None:
-            im.load()
-    if marker is not None:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - _TAIL))
-            if marker not in f.read():
-                raise OSError(f"truncated {im.format} file (no end marker): {os.path.getsize(path)} bytes")
+        if marker is None or not _tail_holds(path, marker):
+            try:
+                im.load()
+            except (OSError, SyntaxError, ValueError) as e:
+                raise OSError(f"truncated or damaged {im.format} file ({e})") from None
     return h, w, rotated
 
 
