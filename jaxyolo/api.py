@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from jaxyolo.errors import CheckpointError, ConfigError
-from jaxyolo.files import crc32, quiet_asyncio, reason
+from jaxyolo.files import crc32, quiet_logger, reason
 from jaxyolo.export import state_dict as sdmap
 from jaxyolo.models import config as mcfg
 from jaxyolo.models import profile
@@ -252,7 +252,7 @@ def load(path: str | Path) -> Detector:
 
     def read(ckptr, what: str, args):
         try:
-            with quiet_asyncio():
+            with quiet_logger("asyncio"):
                 return ckptr.restore(path, ocp.args.Composite(**{what: args}))[what]
         except Exception as e:  # Orbax, TensorStore and json each raise their own types for a damaged file
             raise CheckpointError(f"{path}: damaged checkpoint, its {what} cannot be read ({reason(e)})") from None

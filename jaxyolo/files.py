@@ -51,15 +51,17 @@ def reason(e: BaseException, limit: int = 160) -> str:
 
 
 @contextlib.contextmanager
-def quiet_asyncio():
-    """Orbax reads through asyncio; when a damaged file fails one read, asyncio logs the other
-    cancelled reads' tracebacks at shutdown. The caller raises one clear error instead."""
+def quiet_logger(name: str, level: int | None = None):
+    """Logger `name` raised to `level` (default CRITICAL) inside the block. Used where another
+    library logs noise the caller handles itself: Orbax reads through asyncio, and when a damaged
+    file fails one read asyncio logs the other cancelled reads' tracebacks at shutdown (the caller
+    raises one clear error instead); onnx_ir warns about harmless untyped shape constants."""
     import logging
 
-    logger = logging.getLogger("asyncio")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    logger = logging.getLogger(name)
+    old = logger.level
+    logger.setLevel(logging.CRITICAL if level is None else level)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.setLevel(old)

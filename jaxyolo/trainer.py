@@ -48,7 +48,7 @@ from jaxyolo.augment import augment_host_batch
 from jaxyolo.data.pipeline import ResizedCache, train_batches
 from jaxyolo.data.sources import open_dataset
 from jaxyolo.errors import CheckpointError, ConfigError, JaxyoloError
-from jaxyolo.files import crc32, quiet_asyncio, reason
+from jaxyolo.files import crc32, quiet_logger, reason
 from jaxyolo.validate import DEFAULT_IOU_TRAIN, validate_population
 
 log = logging.getLogger("jaxyolo.train")
@@ -682,7 +682,7 @@ class _StateStore:
 
     def _read(self, step: int, item: str, args):
         try:
-            with quiet_asyncio():
+            with quiet_logger("asyncio"):
                 return self._manager().restore(step, args=self._ocp.args.Composite(**{item: args}))[item]
         except Exception as e:  # Orbax, TensorStore and json each raise their own types for a damaged file
             raise _Damaged(f"its {item} cannot be read ({reason(e)})") from None
@@ -752,7 +752,7 @@ def read_state(folder: str | Path, step: int | None = None) -> dict:
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such training-state folder")
     try:
-        with quiet_asyncio(), ocp.CheckpointManager(folder, item_names=("state", "meta")) as mgr:
+        with quiet_logger("asyncio"), ocp.CheckpointManager(folder, item_names=("state", "meta")) as mgr:
             step = mgr.latest_step() if step is None else step
             if step is None:
                 raise CheckpointError(f"{folder}: holds no training state")

@@ -112,6 +112,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxyolo.errors import ConfigError, ExportError
+from jaxyolo.files import quiet_logger
 
 TOLERANCE_FP32 = 1e-4
 TOLERANCE_FP16 = 1e-2
@@ -249,7 +250,7 @@ def _convert(module, spec, hw, *, batch, half: bool, opset: int, output_name: st
             x = x.astype(jnp.float16)
         return decode(module(x), spec.anchors, spec.strides)  # decode computes in float32
 
-    with _quiet_logger("onnx_ir"):
+    with quiet_logger("onnx_ir", logging.ERROR):
         return to_onnx(forward, [(batch, 3, h, w)], opset=opset, model_name=spec.name,
                        input_names=[INPUT_NAME], output_names=[output_name])
 
@@ -591,15 +592,3 @@ def _staging(path: Path):
         tmp.unlink(missing_ok=True)
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-@contextmanager
-def _quiet_logger(name: str):
-    """onnx_ir warns about every untyped shape constant jax2onnx leaves; those are harmless."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
