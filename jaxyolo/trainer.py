@@ -48,7 +48,7 @@ from jaxyolo.augment import augment_host_batch
 from jaxyolo.data.pipeline import ResizedCache, train_batches
 from jaxyolo.data.sources import open_dataset
 from jaxyolo.errors import CheckpointError, ConfigError, JaxyoloError
-from jaxyolo.files import crc32, quiet_logger, reason
+from jaxyolo.files import atomic_write_text, crc32, quiet_logger, reason
 from jaxyolo.validate import DEFAULT_IOU_TRAIN, validate_population
 
 log = logging.getLogger("jaxyolo.train")
@@ -479,9 +479,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     w = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
     w.writeheader()
     w.writerows(rows)
-    tmp = path.with_suffix(".csv.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_text(path, buf.getvalue())
 
 
 def _read_history(path: Path) -> list[dict]:
@@ -637,11 +635,11 @@ class _StateStore:
     def save(self, state, meta: dict) -> None:
         host = jax.device_get(_to_pure(state))
         packed, layout = _pack(host)  # new host arrays: the next step cannot touch them
-        sums = {k: crc32(v) for k, v in packed.items()}
-        self._writer.submit(self._write, packed, _jsonable({**meta, "layout": layout, "crc32": sums}))
+        self._writer.submit(self._write, packed, _jsonable({**meta, "layout": layout}))
 
     def _write(self, packed, meta: dict) -> None:
         ocp = self._ocp
+        meta = {**meta, "crc32": {k: crc32(v) for k, v in packed.items()}}  # on the writer thread, off the step's
         self._manager().save(int(meta["step"]), args=ocp.args.Composite(
             state=ocp.args.StandardSave(packed), meta=ocp.args.JsonSave(meta)), force=True)
 
