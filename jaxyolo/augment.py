@@ -255,36 +255,36 @@ def random_perspective(key, image, boxes, mask, *, degrees, translate, scale, sh
 # HSV
 
 
-def rgb_to_hsv(rgb):
-    """(..., 3) RGB in [0, 1] → HSV in [0, 1] (colorsys conventions; hue 0 for greys)."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    mx = jnp.maximum(jnp.maximum(r, g), b)
-    mn = jnp.minimum(jnp.minimum(r, g), b)
-    c = mx - mn
-    safe_c = jnp.where(c > 0, c, 1.0)
-    rc, gc, bc = (mx - r) / safe_c, (mx - g) / safe_c, (mx - b) / safe_c
-    h = jnp.where(r == mx, bc - gc, jnp.where(g == mx, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = jnp.where(c > 0, jnp.mod(h / 6.0, 1.0), 0.0)
-    s = jnp.where(mx > 0, c / jnp.where(mx > 0, mx, 1.0), 0.0)
-    return jnp.stack([h, s, mx], -1)
-
-
-def hsv_to_rgb(hsv):
-    """Inverse of `rgb_to_hsv`: channel n ∈ (5, 3, 1) = v - v·s·clip(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6."""
-    h, s, v = hsv[..., 0:1], hsv[..., 1:2], hsv[..., 2:3]
-    k = jnp.mod(jnp.array([5.0, 3.0, 1.0], jnp.float32) + 6.0 * h, 6.0)
-    return v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
-
-
 def apply_hsv_gains(image, gains):
     """The reference's augment_hsv with given gains r = (r_h, r_s, r_v), in float:
-    h' = (h · r_h) mod 1 (cv2: (H · r_h) mod 180), s' = clip(s · r_s, 0, 1), v' = clip(v · r_v, 0, 1)."""
+    h' = (h · r_h) mod 1 (cv2: (H · r_h) mod 180), s' = clip(s · r_s, 0, 1), v' = clip(v · r_v, 0, 1).
+
+    HSV follows colorsys' conventions (hue 0 for greys); back to RGB, channel n ∈ (5, 3, 1) is
+    v - v·s·clip(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6. Written on the three (…, H, W)
+    colour planes, and without float `mod`: an image's last axis of 3 leaves XLA's CPU kernels
+    mostly idle vector lanes, and `mod` is a library call per element (32 images of 128² took
+    10.1 ms with both, 2.8 ms without)."""
     gains = jnp.asarray(gains, jnp.float32)
-    hsv = rgb_to_hsv(_to_unit(image))
-    h = jnp.mod(hsv[..., 0] * gains[0], 1.0)
-    s = jnp.clip(hsv[..., 1] * gains[1], 0.0, 1.0)
-    v = jnp.clip(hsv[..., 2] * gains[2], 0.0, 1.0)
-    return jnp.clip(hsv_to_rgb(jnp.stack([h, s, v], -1)), 0.0, 1.0)
+    x = _to_unit(image)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    mx = jnp.maximum(jnp.maximum(r, g), b)
+    c = mx - jnp.minimum(jnp.minimum(r, g), b)
+    inv_c = 1.0 / jnp.where(c > 0, c, 1.0)
+    h6 = jnp.where(r == mx, (g - b) * inv_c, jnp.where(g == mx, 2.0 + (b - r) * inv_c, 4.0 + (r - g) * inv_c))
+    h = jnp.where(c > 0, jnp.where(h6 < 0, h6 + 6.0, h6) * (1.0 / 6.0), 0.0)  # h6 ∈ [-1, 5]
+    s = jnp.where(mx > 0, c / jnp.where(mx > 0, mx, 1.0), 0.0)
+    h = h * gains[0]
+    h = h - jnp.floor(h)
+    s = jnp.clip(s * gains[1], 0.0, 1.0)
+    v = jnp.clip(mx * gains[2], 0.0, 1.0)
+    vs = v * s
+
+    def channel(n):  # n + 6h ∈ [n, n + 6): one subtraction is mod 6
+        k = n + 6.0 * h
+        k = jnp.where(k >= 6.0, k - 6.0, k)
+        return jnp.clip(v - vs * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0), 0.0, 1.0)
+
+    return jnp.stack([channel(5.0), channel(3.0), channel(1.0)], -1)
 
 
 def hsv_augment(key, image, hsv_h, hsv_s, hsv_v):

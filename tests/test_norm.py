@@ -8,7 +8,7 @@ import pytest
 
 from jaxyolo.models.conv import _conv, space_to_depth_conv
 from jaxyolo.models.layers import ACTIVATIONS
-from jaxyolo.models.norm import batch_norm_act
+from jaxyolo.models.norm import NARROW_C, batch_norm_act
 
 EPS = 1e-3
 
@@ -21,7 +21,7 @@ def plain(x, weight, bias, act):
 
 
 @pytest.mark.parametrize("act", ["silu", "leaky", "mish", None])
-@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (7, 6)])
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (2, 3, 5, 64), (7, 6)])
 def test_batch_norm_act_matches_autodiff_of_the_plain_formula(act, shape):
     fn = ACTIVATIONS[act] if act else (lambda v: v)
     rng = np.random.default_rng(len(shape))
@@ -32,11 +32,14 @@ def test_batch_norm_act_matches_autodiff_of_the_plain_formula(act, shape):
 
     fused = batch_norm_act(x, weight, bias, fn, EPS)
     ref = plain(x, weight, bias, fn)
-    for a, b in zip(fused[1:], ref[1:]):  # the statistics: same formula, same order, same values
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # silu is written z / (1 + e^-z) there, z·σ(z) here: equal within rounding; the others exactly
-    np.testing.assert_allclose(np.asarray(fused[0]), np.asarray(ref[0]), rtol=1e-6 if act == "silu" else 0,
-                               atol=1e-6 if act == "silu" else 0)
+    # on the row view of narrow activations the sums run in another order: equal within rounding;
+    # otherwise the same formula in the same order, so the same values, except silu (written
+    # z / (1 + e^-z) there, z·σ(z) here)
+    narrow = len(shape) == 4 and shape[-1] < NARROW_C
+    for a, b in zip(fused[1:], ref[1:]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6 if narrow else 0, atol=1e-7 if narrow else 0)
+    tol = 1e-6 if narrow or act == "silu" else 0
+    np.testing.assert_allclose(np.asarray(fused[0]), np.asarray(ref[0]), rtol=tol, atol=tol)
 
     loss = lambda f: (lambda x, w, b: jnp.sum(jnp.tanh(f(x, w, b, fn)[0]) * probe))
     g_fused = jax.grad(loss(lambda *a: batch_norm_act(*a, EPS)), (0, 1, 2))(x, weight, bias)

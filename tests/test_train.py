@@ -13,6 +13,7 @@ from helpers.train_runs import run_on_eight_devices
 
 from jaxyolo import hyp as H
 from jaxyolo import train as T
+from jaxyolo.models import norm
 
 
 def test_schedule_matches_reference_formulas():
@@ -140,26 +141,36 @@ def _flat(tree, member=None):
     return np.concatenate([np.ravel(x if member is None else x[member]) for x in jax.tree.leaves(tree)])
 
 
-def assert_same_training(a, b, init):
+def assert_same_training(a, b, init, rounding: float = 0.0):
     """Two runs of the same training agree when their difference is tiny against how far training
     moved the weights: float sums over a batch are reordered by vmap and by sharding (relative
-    gradient differences ~1e-5), and three SGD steps carry those on."""
+    gradient differences ~1e-5), and three SGD steps carry those on. `rounding`: the difference
+    a mere reordering of sums gave this case, of which 3× is also accepted."""
     moved = np.linalg.norm(b - init)
     assert moved > 0
-    assert np.linalg.norm(a - b) < 1e-3 * moved, (np.linalg.norm(a - b), moved)
+    assert np.linalg.norm(a - b) < max(1e-3 * moved, 3 * rounding), (np.linalg.norm(a - b), moved, rounding)
 
 
 def test_eight_fake_devices_equal_one(tmp_path):
-    """pop=2 × data=4 on 8 host devices against pop=1 × data=1 here: the same numbers."""
+    """pop=2 × data=4 on 8 host devices against pop=1 × data=1 here: the same numbers, within the
+    spread that reordering float sums alone gives this case (its second member's rate amplifies
+    rounding: BatchNorm summed in another order on one device moves its weights by ~6e-3 of the
+    distance trained)."""
     out = tmp_path / "eight.npz"
     eight = run_on_eight_devices("train_case", out, 2, 4)
     params, loss = case.run_mesh(1, 1)
     np.testing.assert_allclose(eight["loss"], loss, rtol=1e-4)
+    old, norm.NARROW_C = norm.NARROW_C, 0  # every BatchNorm on the 4-D view: sums in another order
+    try:
+        reordered, _ = case.run_mesh(1, 1)
+    finally:
+        norm.NARROW_C = old
     leaves = jax.tree.leaves(params)
     init = _flat(T.init_state(case.setup()[0]).params)
     for m in range(2):
         got = np.concatenate([np.ravel(eight[f"p{i}"][m]) for i in range(len(leaves))])
-        assert_same_training(got, _flat(params, m), init)
+        noise = np.linalg.norm(_flat(reordered, m) - _flat(params, m))
+        assert_same_training(got, _flat(params, m), init, rounding=noise)
 
 
 def test_nonfinite_loss_skips_and_counts(single):

@@ -98,7 +98,7 @@ class BatchNorm2d(nnx.Module):
     """BatchNorm over the channel (last) axis with PyTorch's semantics.
 
     Training normalises with the biased batch variance and updates the running variance with the
-    unbiased one, as torch does, so BN statistics match the reference bit for bit in float32.
+    unbiased one, as torch does, so BN statistics match the reference within float32 rounding.
     """
 
     TORCH_ORDER = ('weight', 'bias', 'running_mean', 'running_var')
