@@ -283,33 +283,39 @@ def scale_boxes(boxes, from_shape, to_shape, ratio_pad=None) -> np.ndarray:
     return b
 
 
+def _result_columns(boxes, scores, classes, image_ids, category_ids, caller: str):
+    """Per-image xyxy detections -> flat lists (image ids, category ids, [x, y, w, h] rounded to
+    3 decimals, scores rounded to 5), as the reference writes its results json."""
+    if not len(boxes) == len(scores) == len(classes) == len(image_ids):
+        raise EvaluationError(
+            f"{caller}: {len(boxes)} box arrays, {len(scores)} score arrays, "
+            f"{len(classes)} class arrays and {len(image_ids)} image ids; need one of each per image"
+        )
+    boxes = [np.asarray(b, np.float64).reshape(-1, 4) for b in boxes]
+    classes = [np.asarray(c).reshape(-1).astype(np.int64) for c in classes]
+    for c, image_id in zip(classes, image_ids):
+        if c.size and not (0 <= c.min() and c.max() < len(category_ids)):
+            raise EvaluationError(f"{caller}: image {image_id} has class {c.max()} or {c.min()}, "
+                                  f"outside 0..{len(category_ids) - 1} (the category_ids given)")
+    n = [len(b) for b in boxes]
+    if not sum(n):
+        return [], [], [], []
+    b = np.concatenate(boxes)
+    xywh = np.round(np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], 1), 3)
+    score = np.round(np.concatenate([np.asarray(s, np.float64).reshape(-1) for s in scores]), 5)
+    ids = np.repeat(np.asarray(image_ids, np.int64), n)
+    cats = np.asarray(category_ids, np.int64)[np.concatenate(classes)]
+    return ids.tolist(), cats.tolist(), xywh.tolist(), score.tolist()
+
+
 def detections_to_coco(boxes, scores, classes, image_ids, category_ids) -> list[dict]:
     """Per-image xyxy detections (original pixels) -> COCO results json list.
 
     bbox is [x_min, y_min, w, h] rounded to 3 decimals and score to 5, as the reference writes it;
     `category_ids[c]` maps class index c to the COCO id (e.g. 80 -> 91-id COCO).
     """
-    if not len(boxes) == len(scores) == len(classes) == len(image_ids):
-        raise EvaluationError(
-            f"detections_to_coco: {len(boxes)} box arrays, {len(scores)} score arrays, "
-            f"{len(classes)} class arrays and {len(image_ids)} image ids; need one of each per image"
-        )
-    out = []
-    for b, s, c, image_id in zip(boxes, scores, classes, image_ids):
-        b = np.asarray(b, np.float64).reshape(-1, 4)
-        c = np.asarray(c).reshape(-1)
-        if c.size and not (0 <= c.min() and c.max() < len(category_ids)):
-            raise EvaluationError(f"detections_to_coco: image {image_id} has class {c.max()} or {c.min()}, "
-                                  f"outside 0..{len(category_ids) - 1} (the category_ids given)")
-        xywh = np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1)
-        for box, score, cls in zip(xywh.tolist(), np.asarray(s).tolist(), c.tolist()):
-            out.append({
-                "image_id": int(image_id),
-                "category_id": int(category_ids[int(cls)]),
-                "bbox": [round(v, 3) for v in box],
-                "score": round(float(score), 5),
-            })
-    return out
+    cols = _result_columns(boxes, scores, classes, image_ids, category_ids, "detections_to_coco")
+    return [{"image_id": i, "category_id": c, "bbox": b, "score": sc} for i, c, b, sc in zip(*cols)]
 
 
 # ------------------------------------------------------------------------------------------ COCO
@@ -481,6 +487,11 @@ def coco_evaluate(gt, dets, *, iou_type: str = "bbox", image_ids=None, engine: s
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt, coco_dt = _coco_objects(gt, dets, coco_cls)
+    return _run_cocoeval(eval_cls, coco_gt, coco_dt, gt, image_ids, iou_type)
+
+
+def _run_cocoeval(eval_cls, coco_gt, coco_dt, gt: dict, image_ids, iou_type: str = "bbox") -> dict:
+    with contextlib.redirect_stdout(io.StringIO()):
         cocoeval = eval_cls(coco_gt, coco_dt, iou_type)
         cocoeval.params.imgIds = image_ids
         cocoeval.evaluate()
@@ -494,6 +505,29 @@ def coco_evaluate(gt, dets, *, iou_type: str = "bbox", image_ids=None, engine: s
     result["precision"] = cocoeval.eval["precision"]
     result["category_ids"] = [int(c) for c in cocoeval.params.catIds]
     return result
+
+
+def _prediction_results(predictions, image_ids, category_ids) -> list[dict]:
+    """Per-image (xyxy boxes, scores, classes) -> the annotations of a COCO result set: the values
+    `detections_to_coco` writes, completed as loadRes completes them (area, id, iscrowd). Scoring
+    in memory skips loadRes' per-annotation pass, its copies and the json checks."""
+    cols = _result_columns(*([p[j] for p in predictions] for j in range(3)), image_ids, category_ids,
+                           "evaluate_predictions")
+    return [{"image_id": i, "category_id": c, "bbox": b, "score": sc, "area": b[2] * b[3], "id": k + 1, "iscrowd": 0}
+            for k, (i, c, b, sc) in enumerate(zip(*cols))]
+
+
+def _coco_evaluate_predictions(gt: dict, predictions, image_ids, category_ids, engine: str = "faster-coco-eval"):
+    """`coco_evaluate` of in-memory predictions on a ground truth this library built: the result
+    set is made directly from `_prediction_results` (no loadRes pass)."""
+    coco_cls, eval_cls = _engine(engine)
+    anns = _prediction_results(predictions, image_ids, category_ids)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt, coco_dt = _coco_objects(gt, [], coco_cls)
+        if anns:
+            coco_dt.dataset["annotations"] = anns
+            coco_dt.createIndex()
+    return _run_cocoeval(eval_cls, coco_gt, coco_dt, gt, sorted(int(i) for i in image_ids))
 
 
 # ------------------------------------------------------------------------------------------- VOC
@@ -608,9 +642,8 @@ def evaluate_predictions(predictions, dataset) -> dict:
     """
     if len(predictions) != len(dataset):
         raise EvaluationError(f"evaluate_predictions: {len(predictions)} predictions for {len(dataset)} images")
-    boxes, scores, classes = ([p[j] for p in predictions] for j in range(3))
-    dets = detections_to_coco(boxes, scores, classes, dataset.image_ids, dataset.category_ids)
-    coco = coco_evaluate(dataset.coco_ground_truth(), dets, image_ids=dataset.image_ids)
+    coco = _coco_evaluate_predictions(dataset.coco_ground_truth(), predictions, dataset.image_ids,
+                                      dataset.category_ids)
     voc = voc_map(predictions, [dataset.labels(i) for i in range(len(dataset))], dataset.num_classes)
     by_id = {v["category_id"]: v for v in coco["per_class"].values()}
     table = []

@@ -322,3 +322,29 @@ def test_evaluate_predictions_perfect_boxes():
     np.testing.assert_allclose([r["AP"] for r in res["per_class"]], 1.0)
     with pytest.raises(JaxyoloError, match="1 predictions for 2 images"):
         evaluate_predictions(preds[:1], ds)
+
+
+@pytest.mark.parametrize("engine", COCO_ENGINES)
+def test_in_memory_scoring_equals_the_results_file(engine, tmp_path):
+    """`evaluate_predictions` builds its result set without the JSON form; the same predictions
+    written by `detections_to_coco` and scored from the file by `coco_evaluate` give every stat."""
+    from jaxyolo.evaluate import _coco_evaluate_predictions
+
+    ds = TinyDataset()
+    rng = np.random.default_rng(0)
+    preds = []
+    for i in range(len(ds)):
+        gt, _ = ds.labels(i)
+        n = 40  # jittered copies of the ground truth and random boxes, some scores tied after rounding
+        base = np.concatenate([gt, rng.uniform(0, 60, (n - len(gt), 2)).repeat(2, 1) + [0, 0, 20, 25]])
+        boxes = base + rng.normal(0, 3, base.shape)
+        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 1)
+        preds.append((boxes, rng.uniform(0, 1, n).round(6), rng.integers(0, 2, n)))
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(detections_to_coco(*([p[j] for p in preds] for j in range(3)), ds.image_ids,
+                                                  ds.category_ids)))
+    from_file = coco_evaluate(ds.coco_ground_truth(), path, engine=engine)
+    in_memory = _coco_evaluate_predictions(ds.coco_ground_truth(), preds, ds.image_ids, ds.category_ids, engine=engine)
+    assert 0 < from_file["AP"] < 1
+    assert {k: in_memory[k] for k in STAT_NAMES} == {k: from_file[k] for k in STAT_NAMES}
+    np.testing.assert_array_equal(in_memory["precision"], from_file["precision"])
