@@ -69,3 +69,15 @@ def test_space_to_depth_conv_is_the_strided_conv(k, s, h, w):
     got = space_to_depth_conv(x, wt, s)
     assert got.shape == want.shape
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (2, 3, 5, 64), (7, 6)])
+def test_norm_act_eval_is_the_plain_formula(shape):
+    from jaxyolo.models.norm import norm_act_eval
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    mean, scale, bias = (jnp.asarray(rng.normal(size=shape[-1]).astype(np.float32)) for _ in range(3))
+    got = norm_act_eval(x, mean, scale, bias, jax.nn.silu)
+    want = jax.nn.silu((x - mean) * scale + bias)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # the same ops per element

