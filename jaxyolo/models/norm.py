@@ -12,6 +12,8 @@ measured slower):
 
 The statistics are those of the plain formula (two-pass mean and biased variance, as PyTorch
 computes them); SiLU is computed as z / (1 + e^-z), equal to z·σ(z) within float32 rounding.
+Narrow activations (fewer than `NARROW_C` channels) are processed on an (N·H, W·C) view, so the
+sums run in another order there: equal within rounding.
 The batch statistics are returned for the running averages and carry no gradient.
 """
 
@@ -48,7 +50,9 @@ def batch_stats(x):
 # Below this many channels an NHWC activation is processed as rows of W·C values, with every
 # per-channel vector tiled W times: XLA's CPU kernels vectorise the last axis, and one of 4-16
 # floats leaves most of each vector register empty (elementwise passes at 32×128×128×8 measured
-# 5× faster on the (N·H, W·C) view; at 32 channels and more, no difference).
+# 5× faster on the (N·H, W·C) view; from 32 channels on, the same). Thresholds 32, 64, 128 and
+# "every layer" gave the yolov4n step within its noise of each other; 64 leaves the wide layers on
+# the layout the yolov4s step was tuned with.
 NARROW_C = 64
 
 
