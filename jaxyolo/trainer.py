@@ -238,6 +238,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     cache = ResizedCache(train_ds, options.img_size, options.cache_mb << 20) if options.cache_mb else None
     try:
         while step < cfg.total_iters:
+            t_epoch = time.time()
             epoch, start_batch = divmod(step, nb)
             batches = train_batches(train_ds, img_size=options.img_size, batch_size=options.batch_size,
                                     max_boxes=single_rows, mosaic_max_boxes=mosaic_rows, seed=options.seed,
@@ -268,16 +269,21 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
                     for event in events:
                         emit(event)
             sums, count = _accumulate(sums, count, pending, options, step - 1, emit)  # an epoch ends on a step
+            timing = {"time/train_s": time.time() - t_epoch}  # its iterations (since a resume: the rest)
             state = jax.tree.unflatten(treedef, leaves)
             last_epoch = step >= cfg.total_iters
+            t_val = time.time()
             if (epoch + 1) % options.eval_every == 0 or last_epoch:
                 results = _evaluate(graphdef, det, state, hyp_arr, val_ds, options, recipe["gain_rule"])
+                timing["time/val_s"] = time.time() - t_val
             else:
                 results = [None] * pop
+                timing["time/val_s"] = float("nan")
             rows = []
             for m in range(pop):
                 row = _row(epoch, step, time.time() - t_start, sums, count, m, results[m], pop,
                            float(np.asarray(pending["lr"])[m]))
+                row.update({k: round(v, 3) for k, v in timing.items()})
                 rows.append(row)
                 if results[m] is not None and options.save_weights:
                     # device-side slices: fresh buffers that the next step's donation cannot touch

@@ -192,3 +192,13 @@ def test_fast_compile_set_once_is_not_reported_as_ignored(monkeypatch, caplog):
         pipeline_cmd.setup_compilation(None, True)
     assert "ignored" not in caplog.text
     assert os.environ["XLA_FLAGS"] == "--xla_foo=1 --xla_backend_optimization_level=0"
+
+
+def test_epoch_line_shows_the_epoch_times():
+    from jaxyolo.tools.train_cmd import format_row
+
+    row = {"epoch": 2, "train/loss": 1.5, "train/box": 0.5, "train/obj": 0.5, "train/cls": 0.5,
+           "val/loss": float("nan"), "metrics/AP50": float("nan"), "metrics/AP": float("nan"),
+           "time/train_s": 12.34, "time/val_s": float("nan")}
+    line = format_row(row, 10)
+    assert line.startswith("epoch 3/10  train loss 1.5000") and line.endswith("(12.3 s + val - s)")

@@ -85,7 +85,7 @@ def test_resume_after_sigkill_is_exact(killed, reference):
 def test_results_csv_has_one_row_per_epoch(reference, killed):
     rows = read_csv(reference / "results.csv")
     header = list(rows[0])
-    for col in ("epoch", "iterations", "time_s", "lr", "train/loss", "train/box", "train/obj", "train/cls",
+    for col in ("epoch", "iterations", "time_s", "time/train_s", "time/val_s", "lr", "train/loss", "train/box", "train/obj", "train/cls",
                 *(f"train/{lvl}/{t}" for lvl in ("P3", "P4", "P5") for t in ("box", "obj", "cls")),
                 "val/loss", "val/P5/cls", "metrics/AP", "metrics/AP50", "metrics/AP75", "metrics/APs",
                 "metrics/APm", "metrics/APl", "metrics/VOC_AP50_all", "fitness"):
@@ -101,8 +101,11 @@ def test_results_csv_has_one_row_per_epoch(reference, killed):
     resumed = read_csv(killed / "results.csv")
     assert list(resumed[0]) == header
     assert [(r["epoch"], r["iterations"]) for r in resumed] == [(r["epoch"], r["iterations"]) for r in rows]
-    assert {k: v for k, v in resumed[0].items() if k != "time_s"} == {k: v for k, v in rows[0].items()
-                                                                       if k != "time_s"}
+    timed = lambda k: k == "time_s" or k.startswith("time/")
+    assert {k: v for k, v in resumed[0].items() if not timed(k)} == {k: v for k, v in rows[0].items() if not timed(k)}
+    for r in rows:  # the epoch's iterations and its validation, within the run's time
+        train_s, val_s = float(r["time/train_s"]), float(r["time/val_s"])
+        assert 0 < train_s and 0 < val_s and train_s + val_s <= float(r["time_s"])
     for c in header:
         if c.startswith(("val/", "metrics/", "fitness", "lr")):
             assert resumed[1][c] == rows[1][c], c

@@ -126,7 +126,8 @@ def format_row(row: dict, epochs: int) -> str:
     return (f"{who}epoch {row['epoch'] + 1}/{epochs}  train loss {_f(row['train/loss'])} "
             f"(box {_f(row['train/box'])} obj {_f(row['train/obj'])} cls {_f(row['train/cls'])})  {kd}"
             f"val loss {_f(row['val/loss'])}  mAP@0.5 {_f(row['metrics/AP50'])}  "
-            f"mAP@0.5:0.95 {_f(row['metrics/AP'])}")
+            f"mAP@0.5:0.95 {_f(row['metrics/AP'])}  ({_f(row.get('time/train_s'), '.1f')} s + val "
+            f"{_f(row.get('time/val_s'), '.1f')} s)")
 
 
 def run(args) -> int:
