@@ -400,7 +400,7 @@ def _engine(name: str):
     raise EvaluationError(f"engine must be one of {COCO_ENGINES}, got {name!r}")
 
 
-def _coco_objects(gt: dict, dets: list, coco_cls):
+def _coco_objects(gt: dict, dets: list, coco_cls, complete: bool = False):
     """COCO objects for gt and results, built from dicts. cocoapi writes keys into each annotation
     dict (area, id, ignore, segmentation), never into their values: a copy of every dict keeps the
     caller's untouched at a fraction of a deep copy's cost. An empty result list gets an empty
@@ -408,10 +408,11 @@ def _coco_objects(gt: dict, dets: list, coco_cls):
     coco_gt = coco_cls()
     coco_gt.dataset = {**gt, "annotations": [dict(a) for a in gt["annotations"]]}
     coco_gt.createIndex()
-    if dets:
+    if dets and not complete:
         return coco_gt, coco_gt.loadRes([dict(d) for d in dets])
-    coco_dt = coco_cls()
-    coco_dt.dataset = {"images": list(gt["images"]), "categories": copy.deepcopy(gt["categories"]), "annotations": []}
+    coco_dt = coco_cls()  # `complete` results already carry what loadRes adds (area, id, iscrowd)
+    coco_dt.dataset = {"images": list(gt["images"]), "categories": copy.deepcopy(gt["categories"]),
+                       "annotations": list(dets) if complete else []}
     coco_dt.createIndex()
     return coco_gt, coco_dt
 
@@ -523,10 +524,7 @@ def _coco_evaluate_predictions(gt: dict, predictions, image_ids, category_ids, e
     coco_cls, eval_cls = _engine(engine)
     anns = _prediction_results(predictions, image_ids, category_ids)
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt, coco_dt = _coco_objects(gt, [], coco_cls)
-        if anns:
-            coco_dt.dataset["annotations"] = anns
-            coco_dt.createIndex()
+        coco_gt, coco_dt = _coco_objects(gt, anns, coco_cls, complete=True)
     return _run_cocoeval(eval_cls, coco_gt, coco_dt, gt, sorted(int(i) for i in image_ids))
 
 
