@@ -292,7 +292,8 @@ class StepCore:
         like `state.params`) and, if `state.aux` holds extra trainable parameters, of those
         (`aux_grads`, like `state.aux['params']`; same schedule, groups by `aux_groups`, no EMA).
 
-        Returns (new state, metrics: lr, lr_bias, momentum, finite, optimizer_step, nonfinite_run).
+        Returns (new state, metrics: lr, lr_bias, momentum, finite, clip_scale, grad_norm (of the summed
+        gradients, before clipping), optimizer_step, nonfinite_run).
         """
         config = self.config
         leaves_finite = lambda tree: [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(tree)]
@@ -310,7 +311,8 @@ class StepCore:
         aux_acc = summed(state.aux["grads"], aux_grads) if aux_grads is not None else None
         # one norm over everything the optimiser steps (model and extra parameters), as
         # torch.nn.utils.clip_grad_norm_ over all parameters does
-        scale = clip_scale(optax.tree.norm((acc, aux_acc)), hyp["clip_grad"])
+        grad_norm = optax.tree.norm((acc, aux_acc))
+        scale = clip_scale(grad_norm, hyp["clip_grad"])
 
         def sgd(opt, params, acc, buffers):
             """(params, momentum, summed grads) after this iteration: stepped if `do_opt`, else kept."""
@@ -341,7 +343,7 @@ class StepCore:
             aux=aux, run=state.run,
         )
         metrics = {"lr": lr_other, "lr_bias": lr_bias, "momentum": momentum, "finite": finite, "clip_scale": scale,
-                   "optimizer_step": do_opt, "nonfinite_run": new.nonfinite_run}
+                   "grad_norm": grad_norm, "optimizer_step": do_opt, "nonfinite_run": new.nonfinite_run}
         return new, metrics
 
 

@@ -419,8 +419,11 @@ def _accumulate(sums, count, metrics, options, step, emit):
     vals = {"loss": np.asarray(m["loss"]), "local": np.asarray(m["local"]), "global": np.asarray(m["global"])}
     if "kd" in m:  # distillation terms (obj, cls, box, feat) after weights
         vals["kd"] = np.asarray(m["kd"])
-    if "clip_scale" in m:  # optimiser steps whose gradients were clipped (clip_grad)
-        vals["clipped"] = (np.asarray(m["optimizer_step"]) & (np.asarray(m["clip_scale"]) < 1)).astype(np.float32)
+    if "clip_scale" in m:  # optimiser steps whose gradients were clipped (clip_grad), and their norms
+        opt = np.asarray(m["optimizer_step"])
+        vals["clipped"] = (opt & (np.asarray(m["clip_scale"]) < 1)).astype(np.float32)
+        vals["opt_steps"] = opt.astype(np.float32)
+        vals["grad_norm"] = np.where(opt, np.asarray(m["grad_norm"]), 0.0).astype(np.float32)
     finite = np.asarray(m["finite"])
     if sums is None:
         sums = {k: np.zeros_like(v) for k, v in vals.items()}
@@ -461,6 +464,9 @@ def _row(epoch, step, elapsed, sums, count, m, res, pop, lr) -> dict:
         row.update({f"train/{LEVEL_NAMES[lvl]}/{t}": float(local[lvl, i]) for i, t in enumerate(TERMS)})
     if "clipped" in sums:  # the share of this epoch's iterations that made a clipped optimiser step
         row["train/clipped"] = float(sums["clipped"][m] / n)
+    if "grad_norm" in sums:  # the mean global norm of the summed gradients at this epoch's optimiser steps
+        steps = float(sums["opt_steps"][m])
+        row["train/grad_norm"] = float(sums["grad_norm"][m] / steps) if steps else float("nan")
     if "kd" in sums:
         kd = sums["kd"][m] / n
         row.update({f"train/kd_{t}": float(kd[i]) for i, t in enumerate(D.KD_TERMS)})

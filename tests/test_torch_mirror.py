@@ -343,3 +343,16 @@ def test_bad_folder_is_named(tmp_path):
         M.build_model(cfg)(torch.zeros(1, 3, 50, 64))
     with pytest.raises(ValueError, match="NCHW"):
         M.build_model(cfg)(torch.zeros(1, 64, 64, 3))
+
+
+def test_peer_flop_counter_matches_hand_count_and_gflops():
+    """The learn suite's FLOP counter for peer torch models (`peer_train.conv_gflops`): a 3x3 stride-2
+    conv counted by hand, and jaxyolo's own `Detector.gflops` on the torch mirror of the same model."""
+    from jaxyolo.bench.peer_train import conv_gflops
+
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.Conv2d(8, 8, 3, 1, 1, groups=4))
+    # 64 px in, 32x32 out: 2 * (3 * 9) * 8 * 32² and 2 * (8/4 * 9) * 8 * 32²
+    assert conv_gflops(conv, 64) * 1e9 == 2 * 27 * 8 * 32 * 32 + 2 * 18 * 8 * 32 * 32
+    det = jaxyolo.create_model("yolov4p", num_classes=5, head="detect", seed=0)
+    mirror = M.build_model(TE.torch_config(det))
+    assert conv_gflops(mirror, 96) == pytest.approx(det.gflops(96), rel=1e-6)

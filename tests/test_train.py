@@ -190,7 +190,8 @@ def test_nonfinite_loss_skips_and_counts(single):
 def test_clip_grad_scales_the_step_to_the_max_norm(single):
     """With weight decay 0 the first step is linear in the gradient g, so clipping to c = |g| / 4
     moves every weight by exactly a quarter of the unclipped step, and a max above |g| changes
-    nothing. |g| comes from the same iteration run without an optimiser step (summed only)."""
+    nothing. |g| comes from the same iteration run without an optimiser step (summed only), and
+    is the `grad_norm` the step reports whatever the clipping."""
     det, step = single
     hyp = {**H.as_arrays(case.hyps()[0]), "weight_decay": jnp.float32(0.0)}
     st0 = T.init_state(det)
@@ -207,6 +208,7 @@ def test_clip_grad_scales_the_step_to_the_max_norm(single):
         moved[c] = _flat(st.params) - start
         want_scale = 1.0 if c in (0.0, norm * 10) else 0.25
         np.testing.assert_allclose(float(m["clip_scale"]), want_scale, rtol=1e-4)
+        np.testing.assert_allclose(float(m["grad_norm"]), norm, rtol=1e-5)  # reported before clipping
     # (a moved weight is new - old in float32: about 1e-7 of the weight's own size is rounding)
     np.testing.assert_allclose(moved[norm / 4], moved[0.0] / 4, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(moved[norm * 10], moved[0.0])

@@ -86,7 +86,7 @@ def test_results_csv_has_one_row_per_epoch(reference, killed):
     rows = read_csv(reference / "results.csv")
     header = list(rows[0])
     for col in ("epoch", "iterations", "time_s", "time/train_s", "time/val_s", "lr", "train/loss", "train/box", "train/obj", "train/cls",
-                *(f"train/{lvl}/{t}" for lvl in ("P3", "P4", "P5") for t in ("box", "obj", "cls")),
+                "train/clipped", "train/grad_norm", *(f"train/{lvl}/{t}" for lvl in ("P3", "P4", "P5") for t in ("box", "obj", "cls")),
                 "val/loss", "val/P5/cls", "metrics/AP", "metrics/AP50", "metrics/AP75", "metrics/APs",
                 "metrics/APm", "metrics/APl", "metrics/VOC_AP50_all", "fitness"):
         assert col in header, col
@@ -97,6 +97,7 @@ def test_results_csv_has_one_row_per_epoch(reference, killed):
         assert float(r["lr"]) == pytest.approx(lr_at((e + 1) * R.NB - 1, e), rel=1e-6)
         assert all(math.isfinite(float(r[c])) for c in header if c.startswith(("train/", "val/")))
         assert 0 <= float(r["metrics/AP50"]) <= 1
+        assert float(r["train/grad_norm"]) > 0 and 0 <= float(r["train/clipped"]) <= 1
     # the resumed run: the same rows, none repeated; what it measured after the resume is the same
     resumed = read_csv(killed / "results.csv")
     assert list(resumed[0]) == header

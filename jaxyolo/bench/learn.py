@@ -119,16 +119,18 @@ def _peer(lib: str, python: str, data: Path, gt: Path, out: Path, *, epochs, img
     dets = json.loads((out / "detections.json").read_text())
     name = "yolov8 (scale n, width %g)" % width if lib == "ultralytics" else "yolov5n (width %g)" % width
     return {"system": f"{lib} {summary['version']}", "model": name, "params": summary["params"],
-            **_score(gt, dets), "wall_s": round(summary["wall_s"], 1), "epoch_s": epoch_s, "curve": curve}
+            "gflops": round(summary["gflops"], 3) if summary.get("gflops") is not None else None, **_score(gt, dets), "wall_s": round(summary["wall_s"], 1), "epoch_s": epoch_s, "curve": curve}
 
 
 def table(result: dict) -> str:
-    lines = ["| system | model | params | held-out AP | AP50 | train wall s | s/epoch |", "|---|---|---|---|---|---|---|"]
+    lines = ["| system | model | params | GFLOPs | held-out AP | AP50 | train wall s | s/epoch |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "skipped" in r:
-            lines.append(f"| {r['system']} | skipped: {r['skipped']} | | | | | |")
+            lines.append(f"| {r['system']} | skipped: {r['skipped']} | | | | | | |")
             continue
-        lines.append(f"| {r['system']} | {r['model']} | {r['params']:,} | {r['AP']:.3f} | {r['AP50']:.3f} | "
+        flops = "?" if r.get("gflops") is None else f"{r['gflops']:.3f}"
+        lines.append(f"| {r['system']} | {r['model']} | {r['params']:,} | {flops} | {r['AP']:.3f} | {r['AP50']:.3f} | "
                      f"{r['wall_s']:.0f} | {r['epoch_s']} |")
     return "\n".join(lines)
 

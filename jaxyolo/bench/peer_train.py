@@ -13,7 +13,8 @@ into OUT:
 * `detections.json`: COCO results on every val image (confidence >= 0.001, NMS IoU 0.6, at most
   300 per image; `image_id` is the file stem, `category_id` the class index) that the learn suite
   scores with pycocotools beside jaxyolo's, so all libraries are judged by one metric;
-* `summary.json`: wall time, epochs, parameters and the library version.
+* `summary.json`: wall time, epochs, parameters, GFLOPs at the training size (`conv_gflops`) and
+  the library version.
 Both libraries train from scratch with SGD, lr0 0.01, their default augmentation and schedule.
 """
 
@@ -53,6 +54,27 @@ def _record(dets: list, stem: str, xyxy, scores, classes) -> None:
                      "bbox": [round(float(v), 3) for v in (x1, y1, x2 - x1, y2 - y1)]})
 
 
+def conv_gflops(module, img: int) -> float:
+    """2 x the multiply-accumulates of every Conv2d for one img x img image, in 1e9: the convention
+    of jaxyolo's `Detector.gflops`, counted here with forward hooks on the peer's torch model."""
+    import torch
+
+    total = [0]
+
+    def hook(conv, _inputs, output):
+        k = conv.kernel_size[0] * conv.kernel_size[1]
+        total[0] += 2 * (conv.in_channels // conv.groups) * k * output.numel()
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            module.eval()(torch.zeros(1, 3, img, img))
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0] / 1e9
+
+
 def run_ultralytics(args, out: Path) -> dict:
     import yaml
     from ultralytics import YOLO, __version__
@@ -83,7 +105,7 @@ def run_ultralytics(args, out: Path) -> dict:
         _record(dets, p.stem, b.xyxy.numpy(), b.conf.numpy(), b.cls.numpy())
     n_params = sum(p.numel() for p in best.model.parameters())
     return {"lib": "ultralytics", "version": __version__, "wall_s": wall, "rows": rows, "dets": dets,
-            "params": n_params}
+            "params": n_params, "gflops": conv_gflops(best.model, args.img)}
 
 
 def run_yolov5(args, out: Path) -> dict:
@@ -116,7 +138,7 @@ def run_yolov5(args, out: Path) -> dict:
         _record(dets, p.stem, pred[:, :4], pred[:, 4], pred[:, 5])
     n_params = sum(p.numel() for p in model.parameters())
     return {"lib": "yolov5", "version": getattr(yolov5, "__version__", "?"), "wall_s": wall, "rows": rows,
-            "dets": dets, "params": n_params}
+            "dets": dets, "params": n_params, "gflops": conv_gflops(model.model, args.img)}
 
 
 def main(argv=None) -> int:
@@ -142,7 +164,7 @@ def main(argv=None) -> int:
         w.writeheader()
         w.writerows(res["rows"])
     (out / "detections.json").write_text(json.dumps(res["dets"]))
-    summary = {k: res[k] for k in ("lib", "version", "wall_s", "params")}
+    summary = {k: res[k] for k in ("lib", "version", "wall_s", "params", "gflops")}
     summary.update(epochs=args.epochs, img=args.img, batch=args.batch, width=args.width)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
