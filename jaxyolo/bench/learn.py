@@ -119,7 +119,8 @@ def _peer(lib: str, python: str, data: Path, gt: Path, out: Path, *, epochs, img
     dets = json.loads((out / "detections.json").read_text())
     name = "yolov8 (scale n, width %g)" % width if lib == "ultralytics" else "yolov5n (width %g)" % width
     return {"system": f"{lib} {summary['version']}", "model": name, "params": summary["params"],
-            "gflops": round(summary["gflops"], 3) if summary.get("gflops") is not None else None, **_score(gt, dets), "wall_s": round(summary["wall_s"], 1), "epoch_s": epoch_s, "curve": curve}
+            "gflops": summary.get("gflops"), **_score(gt, dets), "wall_s": round(summary["wall_s"], 1),
+            "epoch_s": epoch_s, "curve": curve}
 
 
 def table(result: dict) -> str:
