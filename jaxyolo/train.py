@@ -27,9 +27,7 @@ step counter so that every hyper-parameter can differ between members:
 * an optimiser step when `step - last_opt_step >= accumulate` (gradients summed in between);
 * (not the reference's) the summed gradients scaled to a global norm of at most `clip_grad` before
   the step, as ultralytics does (clip_grad 0: off, the reference recipes' value);
-* EMA of parameters and BN statistics with decay 0.9999·(1 − exp(−updates/ema_tau)) (the
-  reference's tau is 2000 optimiser steps, so a run of a few hundred steps ends with a decay
-  near 0.2: its EMA is hardly an average; the hyp key `ema_tau` sets it per member).
+* EMA of parameters and BN statistics with decay 0.9999·(1 − exp(−updates/2000)).
 
 A non-finite loss or gradient skips the whole iteration (no gradient, no BN statistics update)
 and is counted in `state.nonfinite_run` / `state.nonfinite_total`; the loop stops after too many in
@@ -253,10 +251,8 @@ def clip_scale(norm, max_norm):
     return jnp.where(max_norm > 0, factor, 1.0)
 
 
-def ema_decay(updates, tau=2000.0):
-    """The EMA's decay after `updates` optimiser steps: 0.9999·(1 − exp(−updates/tau)); the
-    reference's tau is 2000, the hyp key `ema_tau`."""
-    return 0.9999 * (1 - jnp.exp(-updates / tau))
+def ema_decay(updates):
+    return 0.9999 * (1 - jnp.exp(-updates / 2000.0))
 
 
 class StepCore:
@@ -329,7 +325,7 @@ class StepCore:
         params, buffers, acc = sgd(self.opt, state.params, acc, state.momentum)
         stats = where(finite, new_stats, state.stats)
         ema_updates = state.ema_updates + do_opt.astype(jnp.int32)
-        d = ema_decay(ema_updates.astype(jnp.float32), hyp["ema_tau"])
+        d = ema_decay(ema_updates.astype(jnp.float32))
         blend = lambda e, m: where(do_opt, jax.tree.map(lambda a, b: d * a + (1 - d) * b, e, m), e)
         aux = state.aux
         if aux_grads is not None:
