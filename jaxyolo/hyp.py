@@ -27,8 +27,10 @@ KEYS = (
     "box", "cls", "cls_pw", "obj", "obj_pw", "anchor_t", "label_smoothing", "balance",
     "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective",
     "flipud", "fliplr", "mosaic", "mixup",
-    # optimiser additions: max global norm of each optimiser step's gradients (0: no clipping)
-    "clip_grad",
+    # optimiser additions: max global norm of an optimiser step's gradients per 64 summed images
+    # (0: no clipping);
+    # the EMA's warm-up constant in optimiser steps (the reference's fixed 2000)
+    "clip_grad", "ema_tau",
     # distillation (jaxyolo.distill; all weights 0 by default: plain training)
     "kd_obj", "kd_cls", "kd_box", "kd_feat", "kd_T", "kd_conf",
 )
@@ -56,6 +58,7 @@ RANGES = {  # (low, high) sanity bounds; a value outside is an error naming the 
     "hsv_s": (0, 1), "hsv_v": (0, 1), "degrees": (0, 180), "translate": (0, 1), "scale": (0, 1),
     "shear": (0, 90), "perspective": (0, 0.01), "flipud": (0, 1), "fliplr": (0, 1), "mosaic": (0, 1),
     "mixup": (0, 1), "balance": (0, 1e3), "clip_grad": (0, 1e6),
+    "ema_tau": (1, 1e7),
     "kd_obj": (0, 1e3), "kd_cls": (0, 1e3), "kd_box": (0, 1e3), "kd_feat": (0, 1e3), "kd_T": (0.1, 100),
     "kd_conf": (0, 1),
 }

@@ -25,9 +25,12 @@ step counter so that every hyper-parameter can differ between members:
   accumulation from 1 up to nominal_batch / batch;
 * lf(e) = cosine (or linear) from 1 to lrf, per epoch;
 * an optimiser step when `step - last_opt_step >= accumulate` (gradients summed in between);
-* (not the reference's) the summed gradients scaled to a global norm of at most `clip_grad` before
-  the step, as ultralytics does (clip_grad 0: off, the reference recipes' value);
-* EMA of parameters and BN statistics with decay 0.9999·(1 − exp(−updates/2000)).
+* (not the reference's) the summed gradients scaled to a global norm of at most
+  `clip_grad`·images/64 before the step, where images = batch × iterations summed (with the nominal
+  batch of 64: `clip_grad`, as ultralytics clips; 0: off, the reference recipes' value);
+* EMA of parameters and BN statistics with decay 0.9999·(1 − exp(−updates/ema_tau)) (the
+  reference's tau is 2000 optimiser steps, so a run of a few hundred steps ends with a decay
+  near 0.2: its EMA is hardly an average; the hyp key `ema_tau` sets it per member).
 
 A non-finite loss or gradient skips the whole iteration (no gradient, no BN statistics update)
 and is counted in `state.nonfinite_run` / `state.nonfinite_total`; the loop stops after too many in
@@ -55,6 +58,7 @@ from jaxyolo.loss import yolo_loss
 from jaxyolo.models import layers as L
 
 SCHEDULES = ("cosine", "linear")
+CLIP_IMAGES = 64  # `clip_grad` limits the gradient norm of an optimiser step per this many summed images
 GROUP_NO_DECAY, GROUP_DECAY, GROUP_BIAS = 0, 1, 2
 
 
@@ -251,8 +255,10 @@ def clip_scale(norm, max_norm):
     return jnp.where(max_norm > 0, factor, 1.0)
 
 
-def ema_decay(updates):
-    return 0.9999 * (1 - jnp.exp(-updates / 2000.0))
+def ema_decay(updates, tau=2000.0):
+    """The EMA's decay after `updates` optimiser steps: 0.9999·(1 − exp(−updates/tau)); the
+    reference's tau is 2000, the hyp key `ema_tau`."""
+    return 0.9999 * (1 - jnp.exp(-updates / tau))
 
 
 class StepCore:
@@ -312,7 +318,10 @@ class StepCore:
         # one norm over everything the optimiser steps (model and extra parameters), as
         # torch.nn.utils.clip_grad_norm_ over all parameters does
         grad_norm = optax.tree.norm((acc, aux_acc))
-        scale = clip_scale(grad_norm, hyp["clip_grad"])
+        # the limit is per 64 summed images: the loss is summed over the batch and the gradients over
+        # the accumulated iterations, so their norm grows with the images in the step
+        images = (ni - state.last_opt_step).astype(jnp.float32) * config.batch_size
+        scale = clip_scale(grad_norm, hyp["clip_grad"] * images / CLIP_IMAGES)
 
         def sgd(opt, params, acc, buffers):
             """(params, momentum, summed grads) after this iteration: stepped if `do_opt`, else kept."""
@@ -325,7 +334,7 @@ class StepCore:
         params, buffers, acc = sgd(self.opt, state.params, acc, state.momentum)
         stats = where(finite, new_stats, state.stats)
         ema_updates = state.ema_updates + do_opt.astype(jnp.int32)
-        d = ema_decay(ema_updates.astype(jnp.float32))
+        d = ema_decay(ema_updates.astype(jnp.float32), hyp["ema_tau"])
         blend = lambda e, m: where(do_opt, jax.tree.map(lambda a, b: d * a + (1 - d) * b, e, m), e)
         aux = state.aux
         if aux_grads is not None:

@@ -20,17 +20,17 @@ SPEC_SCRATCH_S = {
     "obj_pw": 1.0, "anchor_t": 4.0, "hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4, "degrees": 0.0,
     "translate": 0.1, "scale": 0.5, "shear": 0.0, "perspective": 0.0, "flipud": 0.0, "fliplr": 0.5,
     "mosaic": 1.0, "mixup": 0.0, "balance": [4.0, 1.0, 0.4], "label_smoothing": 0.0,
-    # jaxyolo's keys (not in the spec): no gradient clipping (the reference has none); distillation
-    # weights 0, i.e. plain training
-    "clip_grad": 0.0,
+    # jaxyolo's keys (not in the spec): no gradient clipping (the reference has none), the EMA tau
+    # the reference hard-codes; distillation weights 0, i.e. plain training
+    "clip_grad": 0.0, "ema_tau": 2000.0,
     "kd_obj": 0.0, "kd_cls": 0.0, "kd_box": 0.0, "kd_feat": 0.0, "kd_T": 1.0, "kd_conf": 0.5,
 }
 SPEC_SCRATCH_CSP = {**SPEC_SCRATCH_S, "cls": 0.3, "obj": 0.7, "scale": 0.9}
 SPEC_FILE_ONLY = {"iou_t": 0.20, "fl_gamma": 0.0}  # in both columns; read but not used
 # the bundled default's values that differ from reference-s (README, "Training recipe")
-DEFAULT_CHANGES: dict = {"box": 0.2, "clip_grad": 10.0}
-# a file without a key takes the bundled default's value: a reference file has no clip_grad
-MISSING_FROM_REFERENCE_FILES = {"clip_grad": 10.0}
+DEFAULT_CHANGES: dict = {"box": 0.2, "clip_grad": 50.0, "ema_tau": 200.0}
+# a file without a key takes the bundled default's value: a reference file has neither key
+MISSING_FROM_REFERENCE_FILES = {"clip_grad": 50.0, "ema_tau": 200.0}
 
 # ultralytics/yolov5 v6.0 data/hyps/hyp.scratch.yaml (spec §9: the first column with lrf 0.1, plus
 # copy_paste), with the optional `anchors` key its comments describe

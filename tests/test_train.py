@@ -86,6 +86,8 @@ def test_sgd_matches_torch_nesterov_groups():
 def test_ema_decay_formula():
     for u in (1, 10, 2000, 100000):
         assert abs(float(T.ema_decay(jnp.float32(u))) - 0.9999 * (1 - math.exp(-u / 2000))) < 1e-6
+        for tau in (50.0, 200.0):
+            assert abs(float(T.ema_decay(jnp.float32(u), jnp.float32(tau))) - 0.9999 * (1 - math.exp(-u / tau))) < 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +97,12 @@ def single():
     return det, jax.jit(T.make_train_step(det, cfg))
 
 
-def test_accumulation_and_ema_follow_the_step_counter(single):
+@pytest.mark.parametrize("tau", [2000.0, 3.0])
+def test_accumulation_and_ema_follow_the_step_counter(single, tau):
     det, step = single
-    hyp = H.as_arrays(case.hyps()[0])  # warm-up 0 epochs -> the 1-iteration floor; nominal batch = 2 x batch
+    # warm-up 0 epochs -> the 1-iteration floor; nominal batch = 2 x batch; the EMA's tau is the
+    # reference's 2000, or 3 optimiser steps (where the decay's ramp shows within these steps)
+    hyp = {**H.as_arrays(case.hyps()[0]), "ema_tau": jnp.float32(tau)}
     st = T.init_state(det)
     flat = lambda tree: np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
     did = []
@@ -107,8 +112,8 @@ def test_accumulation_and_ema_follow_the_step_counter(single):
         did.append(bool(m["optimizer_step"]))
         changed = not np.array_equal(before, flat(st.params))
         assert changed == did[-1]
-        if did[-1]:  # ema <- d ema + (1 - d) weights, d = 0.9999 (1 - exp(-updates / 2000))
-            d = 0.9999 * (1 - math.exp(-int(st.ema_updates) / 2000))
+        if did[-1]:  # ema <- d ema + (1 - d) weights, d = 0.9999 (1 - exp(-updates / tau))
+            d = 0.9999 * (1 - math.exp(-int(st.ema_updates) / tau))
             want = d * ema_before + (1 - d) * flat(st.params)
             np.testing.assert_allclose(flat(st.ema_params), want, rtol=1e-5, atol=1e-7)
         else:
@@ -191,11 +196,14 @@ def test_clip_grad_scales_the_step_to_the_max_norm(single):
     """With weight decay 0 the first step is linear in the gradient g, so clipping to c = |g| / 4
     moves every weight by exactly a quarter of the unclipped step, and a max above |g| changes
     nothing. |g| comes from the same iteration run without an optimiser step (summed only), and
-    is the `grad_norm` the step reports whatever the clipping."""
+    is the `grad_norm` the step reports whatever the clipping. `clip_grad` is a limit per 64 summed
+    images: the limit of a step that sums one iteration of B images is clip_grad·B/64, of one that
+    sums two iterations twice that."""
     det, step = single
     hyp = {**H.as_arrays(case.hyps()[0]), "weight_decay": jnp.float32(0.0)}
     st0 = T.init_state(det)
     key, batch = jax.random.key(3), case.batch(0)
+    per_64 = T.CLIP_IMAGES / batch["image"].shape[0]  # clip_grad for a limit of 1 on one iteration
     summed, m = step(st0.replace(last_opt_step=jnp.int32(0)), batch, {**hyp, "clip_grad": jnp.float32(0.0)}, key)
     assert not bool(m["optimizer_step"])
     norm = float(np.linalg.norm(_flat(summed.grads)))
@@ -203,7 +211,7 @@ def test_clip_grad_scales_the_step_to_the_max_norm(single):
     start = _flat(st0.params)
     moved = {}
     for c in (0.0, norm / 4, norm * 10):
-        st, m = step(st0, batch, {**hyp, "clip_grad": jnp.float32(c)}, key)
+        st, m = step(st0, batch, {**hyp, "clip_grad": jnp.float32(c * per_64)}, key)
         assert bool(m["optimizer_step"])
         moved[c] = _flat(st.params) - start
         want_scale = 1.0 if c in (0.0, norm * 10) else 0.25
@@ -212,6 +220,12 @@ def test_clip_grad_scales_the_step_to_the_max_norm(single):
     # (a moved weight is new - old in float32: about 1e-7 of the weight's own size is rounding)
     np.testing.assert_allclose(moved[norm / 4], moved[0.0] / 4, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(moved[norm * 10], moved[0.0])
+    # the same clip_grad on a step summing two iterations' images (the gradients are this one's):
+    # a limit twice as high
+    _, m = step(st0.replace(last_opt_step=jnp.int32(-2)), batch, {**hyp, "clip_grad": jnp.float32(norm / 4 * per_64)},
+                key)
+    assert bool(m["optimizer_step"])
+    np.testing.assert_allclose(float(m["clip_scale"]), 0.5, rtol=1e-4)
 
 
 def test_one_compiled_step_serves_runs_of_any_length():
@@ -235,11 +249,12 @@ def test_one_compiled_step_serves_runs_of_any_length():
     assert float(T.schedule(jnp.asarray(2), hyp, runs[0])[1]) != float(T.schedule(jnp.asarray(2), hyp, runs[1])[1])
 
 
-def test_reference_recipes_do_not_clip_and_the_default_does():
-    assert H.load_hyp("reference-s")["clip_grad"] == 0.0
-    assert H.load_hyp("reference-csp")["clip_grad"] == 0.0
-    assert H.load_hyp("default")["clip_grad"] == 10.0
-    assert H.load_hyp({})["clip_grad"] == 10.0  # a yolov5-style file without the key gets the default
+def test_reference_recipes_keep_the_reference_optimiser_and_the_default_guards_it():
+    for name in ("reference-s", "reference-csp"):
+        assert H.load_hyp(name)["clip_grad"] == 0.0 and H.load_hyp(name)["ema_tau"] == 2000.0
+    assert H.load_hyp("default")["clip_grad"] == 50.0 and H.load_hyp("default")["ema_tau"] == 200.0
+    # a yolov5-style file without the keys gets the default's
+    assert H.load_hyp({})["clip_grad"] == 50.0 and H.load_hyp({})["ema_tau"] == 200.0
     assert float(T.clip_scale(jnp.float32(20.0), jnp.float32(10.0))) == pytest.approx(10 / (20 + 1e-6))
 
 
