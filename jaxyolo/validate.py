@@ -54,18 +54,26 @@ def letterboxed_targets(dataset: DetectionDataset, batch: dict, max_boxes: int):
     return boxes, classes, mask
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _population_eval(graphdef, anchors, strides, nc, max_det, gain_rule, params, stats, images, boxes, classes, mask,
-                     hyp, conf, iou):
-    def one(p, s, h):
-        model = nnx.merge(graphdef, p, s, copy=True)
-        raw = model(images, train=False)
-        loss_hyp = loss_gains(h, nc=nc, img_size=images.shape[1], rule=gain_rule)
-        _, terms = yolo_loss(raw, boxes, classes, mask, anchors=anchors, strides=strides, hyp=loss_hyp)
-        dets = nms(decode(raw, anchors, strides), conf_thres=conf, iou_thres=iou, max_det=max_det)
-        return terms, dets
+@functools.lru_cache(maxsize=16)
+def _population_eval(graphdef, anchors, strides, nc, max_det, gain_rule):
+    """The jitted evaluation of one batch for every member, for this architecture and settings.
 
-    return jax.vmap(one)(params, stats, hyp)
+    Built once per architecture and kept: as static arguments of one jitted function, the graph
+    definition would be hashed on every batch (5 ms each for a small model on the CPU)."""
+
+    @jax.jit
+    def run(params, stats, images, boxes, classes, mask, hyp, conf, iou):
+        def one(p, s, h):
+            model = nnx.merge(graphdef, p, s, copy=True)
+            raw = model(images, train=False)
+            loss_hyp = loss_gains(h, nc=nc, img_size=images.shape[1], rule=gain_rule)
+            _, terms = yolo_loss(raw, boxes, classes, mask, anchors=anchors, strides=strides, hyp=loss_hyp)
+            dets = nms(decode(raw, anchors, strides), conf_thres=conf, iou_thres=iou, max_det=max_det)
+            return terms, dets
+
+        return jax.vmap(one)(params, stats, hyp)
+
+    return run
 
 
 def validate_population(graphdef, spec, params, stats, hyp, dataset: DetectionDataset, *, img_size: int,
@@ -83,15 +91,15 @@ def validate_population(graphdef, spec, params, stats, hyp, dataset: DetectionDa
     pop = jax.tree.leaves(params)[0].shape[0]
     preds = [[None] * len(dataset) for _ in range(pop)]
     local_sum, n_batches = 0.0, 0
+    run = _population_eval(graphdef, spec.anchors, spec.strides, spec.nc, max_det, gain_rule)
+    conf, iou = jnp.float32(conf_thres), jnp.float32(iou_thres)
     batches = eval_batches(dataset, img_size=img_size, batch_size=batch_size, num_workers=workers)
-    for b, batch in enumerate(batches):
-        boxes, classes, mask = letterboxed_targets(dataset, batch, max_boxes)
-        images = jnp.asarray(batch["image"], jnp.float32) / 255.0
-        terms, dets = _population_eval(graphdef, spec.anchors, spec.strides, spec.nc, max_det, gain_rule, params, stats,
-                                       images, boxes, classes, mask, hyp, jnp.float32(conf_thres),
-                                       jnp.float32(iou_thres))
+
+    def collect(batch, terms, dets):
+        nonlocal local_sum, n_batches
         local_sum = local_sum + np.asarray(terms["local"])
         n_batches += 1
+        dets = jax.device_get(dets)
         for m in range(pop):
             per_image = split_detections(jax.tree.map(lambda x, m=m: x[m], dets))
             for j, idx in enumerate(batch["index"].tolist()):
@@ -100,8 +108,21 @@ def validate_population(graphdef, spec, params, stats, hyp, dataset: DetectionDa
                 bx, sc, cl = per_image[j]
                 bx = unletterbox_boxes(bx, batch["ratio_pad"][j], batch["orig_shape"][j])
                 preds[m][idx] = (bx, sc, cl)
+
+    pending = None  # the previous batch, read back while this one runs on the device
+    for b, batch in enumerate(batches):
+        boxes, classes, mask = letterboxed_targets(dataset, batch, max_boxes)
+        images = jnp.asarray(batch["image"], jnp.float32) / 255.0
+        out = run(params, stats, images, boxes, classes, mask, hyp, conf, iou)
+        if pending is not None:
+            collect(*pending)
+            if progress is not None:
+                progress(b, len(batches))
+        pending = (batch, *out)
+    if pending is not None:
+        collect(*pending)
         if progress is not None:
-            progress(b + 1, len(batches))
+            progress(len(batches), len(batches))
     out = []
     for m in range(pop):
         local = local_sum[m] / max(n_batches, 1)
