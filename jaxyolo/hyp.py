@@ -28,8 +28,7 @@ KEYS = (
     "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective",
     "flipud", "fliplr", "mosaic", "mixup",
     # optimiser additions: max global norm of an optimiser step's gradients per 64 summed images
-    # (0: no clipping);
-    # the EMA's warm-up constant in optimiser steps (the reference's fixed 2000)
+    # (0: no clipping); the EMA's warm-up constant in optimiser steps (the reference's fixed 2000)
     "clip_grad", "ema_tau",
     # distillation (jaxyolo.distill; all weights 0 by default: plain training)
     "kd_obj", "kd_cls", "kd_box", "kd_feat", "kd_T", "kd_conf",

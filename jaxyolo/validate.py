@@ -108,21 +108,19 @@ def validate_population(graphdef, spec, params, stats, hyp, dataset: DetectionDa
                 bx, sc, cl = per_image[j]
                 bx = unletterbox_boxes(bx, batch["ratio_pad"][j], batch["orig_shape"][j])
                 preds[m][idx] = (bx, sc, cl)
+        if progress is not None:
+            progress(n_batches, len(batches))
 
     pending = None  # the previous batch, read back while this one runs on the device
-    for b, batch in enumerate(batches):
+    for batch in batches:
         boxes, classes, mask = letterboxed_targets(dataset, batch, max_boxes)
         images = jnp.asarray(batch["image"], jnp.float32) / 255.0
         out = run(params, stats, images, boxes, classes, mask, hyp, conf, iou)
         if pending is not None:
             collect(*pending)
-            if progress is not None:
-                progress(b, len(batches))
         pending = (batch, *out)
     if pending is not None:
         collect(*pending)
-        if progress is not None:
-            progress(len(batches), len(batches))
     out = []
     for m in range(pop):
         local = local_sum[m] / max(n_batches, 1)
