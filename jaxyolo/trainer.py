@@ -25,6 +25,7 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import gc
 import io
 import json
 import logging
@@ -236,6 +237,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
                            "epoch_sums": epoch_sums})
 
     cache = ResizedCache(train_ds, options.img_size, options.cache_mb << 20) if options.cache_mb else None
+    heap = _SettledHeap()
     try:
         while step < cfg.total_iters:
             t_epoch = time.time()
@@ -301,6 +303,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
                            step=epoch, prefix=f"member{row['member']}/" if pop > 1 else "")
             save(state, None, None)
             emit({"event": "epoch", "epoch": epoch, "epochs": options.epochs, "rows": rows})
+            heap.settle()
     except BaseException:
         if fresh and not saves[0]:  # stopped before its first saved state: nothing to resume from
             with contextlib.suppress(Exception):  # the error being raised is the one to report
@@ -311,6 +314,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
             log.warning("the run stopped before its first saved state; removed what it had written in %s", out)
         raise
     finally:  # a run that stops on an error still leaves its last state and weights complete
+        heap.release()
         writer.close()
     tb.close()
     final = jax.device_get(state)
@@ -522,6 +526,31 @@ def _save_weights(det, folder: Path, improved: bool) -> None:
         shutil.copytree(folder / "last", tmp)
         shutil.rmtree(folder / "best", ignore_errors=True)
         os.replace(tmp, folder / "best")
+
+
+class _SettledHeap:
+    """Keeps Python's cyclic garbage collector off the objects that live for the whole run.
+
+    After the first epoch (the model, the compiled programs, the data and the run's own state all
+    exist by then) one collection clears what that epoch left and `gc.freeze` moves the survivors
+    out of the collector's view: full collections, which otherwise traverse them every other epoch
+    or so (0.3 s each for a small model in a 2-core run: 4 % of its epoch), then look only at the
+    objects made since. `release` hands them back when the run ends. A process that had already
+    frozen objects keeps its own arrangement."""
+
+    def __init__(self):
+        self._frozen = False
+
+    def settle(self) -> None:
+        if not self._frozen and gc.isenabled() and gc.get_freeze_count() == 0:
+            gc.collect()
+            gc.freeze()
+            self._frozen = True
+
+    def release(self) -> None:
+        if self._frozen:
+            gc.unfreeze()
+            self._frozen = False
 
 
 class _Background:

@@ -235,6 +235,20 @@ def test_nms_class_aware_padding_and_ties():
     assert not dets.boxes[0, 3:].any() and not dets.scores[1:].any()
 
 
+def test_nms_keeps_empty_boxes_apart():
+    # Two zero-area boxes at one spot have IoU 0/0: NaN, which suppresses nothing (torchvision's
+    # rule); a zero-area box inside a real one has IoU 0. So all four class-0 rows survive, in
+    # score order. Padded to SHAPE to reuse a compilation.
+    x = np.zeros(SHAPE, np.float32)
+    x[0, :4] = [[30, 30, 0, 0, 1.0, 0.9, 0, 0], [30, 30, 0, 0, 1.0, 0.8, 0, 0],
+                [30, 30, 10, 10, 1.0, 0.7, 0, 0], [30, 30, 0, 0, 1.0, 0.6, 0, 0]]
+    dets = nms(x, conf_thres=0.1, iou_thres=0.5, **{k: v for k, v in MULTI.items()})
+    assert dets.count.tolist() == [4, 0, 0, 0]
+    np.testing.assert_allclose(dets.scores[0, :4], [0.9, 0.8, 0.7, 0.6])
+    ref = nms_numpy(x, conf_thres=0.1, iou_thres=0.5, max_det=300)
+    np.testing.assert_array_equal(split_detections(dets)[0][1], ref[0][1])
+
+
 # --------------------------------------------------------------------------------------- letterbox
 
 
