@@ -150,6 +150,29 @@ def _greedy_nms(boxes, valid, iou_thres, max_det: int, block: int):
     return kept_idx, count
 
 
+# The candidates are sorted by a top-k as long as the whole candidate list (16 x 5040 at 128 px with
+# 5 classes: 13 ms of a 17 ms NMS on the CPU). When no image of the batch has more valid
+# candidates than this, a top-k of this many (5 ms there), padded with invalid rows, gives the same
+# sorted list. (A trained yolov4n there has 1,100-1,600 in the fullest image of a batch.)
+SHORT_LIST = 2048
+
+
+def _sorted(s, k: int):
+    """(scores, indices) of the k best entries of each row of s (B, M), best first; ties keep the
+    lower index first. Invalid entries are -inf."""
+    short = min(SHORT_LIST, k)
+    if short == k:
+        return jax.lax.top_k(s, k)
+
+    def few():
+        top_s, top_i = jax.lax.top_k(s, short)
+        return (jnp.pad(top_s, ((0, 0), (0, k - short)), constant_values=-jnp.inf),
+                jnp.pad(top_i, ((0, 0), (0, k - short))))
+
+    n_valid = jnp.max(jnp.sum(s > -jnp.inf, axis=1))
+    return jax.lax.cond(n_valid <= short, few, lambda: tuple(jax.lax.top_k(s, k)))
+
+
 def _candidates(decoded, conf_thres, multi_label: bool, k: int):
     """(B, N, 5+nc) -> the best k candidates: score (invalid -> -inf), box index and class, sorted.
 
@@ -162,12 +185,12 @@ def _candidates(decoded, conf_thres, multi_label: bool, k: int):
     scores = decoded[..., 5:] * obj[..., None]
     if multi_label and nc > 1:
         ok = (obj[..., None] > conf_thres) & (scores > conf_thres)
-        top_s, top_i = jax.lax.top_k(jnp.where(ok, scores, -jnp.inf).reshape(b, n * nc), k)
+        top_s, top_i = _sorted(jnp.where(ok, scores, -jnp.inf).reshape(b, n * nc), k)
         return top_s, top_i // nc, (top_i % nc).astype(jnp.int32)
     best = jnp.max(scores, axis=-1)
     cls = jnp.argmax(scores, axis=-1).astype(jnp.int32)
     ok = (obj > conf_thres) & (best > conf_thres)
-    top_s, top_i = jax.lax.top_k(jnp.where(ok, best, -jnp.inf), k)
+    top_s, top_i = _sorted(jnp.where(ok, best, -jnp.inf), k)
     return top_s, top_i, jnp.take_along_axis(cls, top_i, axis=1)
 
 
@@ -565,28 +588,25 @@ def _iou_matrix_np(a, b) -> np.ndarray:
         return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
-def _match_image(det_boxes, det_scores, gt_boxes, difficult, iou_thres):
-    """VOC matching inside one image and class: detections by descending score take the
-    best-overlapping ground truth; a second hit on it is a false positive; a hit on a difficult
-    one counts as neither. Returns (tp, fp) flags in the given detection order."""
+def _match_image(det_boxes, det_scores, det_classes, gt_boxes, gt_classes, difficult, iou_thres):
+    """VOC matching inside one image, every class at once: each detection takes the
+    best-overlapping ground truth of its class; the first detection by descending score to take
+    one with IoU > iou_thres is a true positive, a later one a false positive (duplicate), one with
+    a lower best overlap a false positive, and a hit on a difficult one counts as neither.
+    Returns (tp, fp) flags in the given detection order."""
     n = len(det_scores)
-    tp, fp = np.zeros(n), np.zeros(n)
     if not len(gt_boxes):
-        fp[:] = 1
-        return tp, fp
-    iou = _iou_matrix_np(det_boxes, gt_boxes)
-    taken = np.zeros(len(gt_boxes), bool)
-    for d in np.argsort(-det_scores, kind="stable"):
-        j = int(np.argmax(iou[d]))
-        if not iou[d, j] > iou_thres:
-            fp[d] = 1
-        elif difficult[j]:
-            continue
-        elif not taken[j]:
-            tp[d], taken[j] = 1, True
-        else:
-            fp[d] = 1
-    return tp, fp
+        return np.zeros(n), np.ones(n)
+    iou = np.where(det_classes[:, None] == gt_classes[None, :], _iou_matrix_np(det_boxes, gt_boxes), -1.0)
+    j = np.argmax(iou, axis=1)
+    hit = iou[np.arange(n), j] > iou_thres
+    claim = hit & ~difficult[j]
+    rank = np.empty(n, np.int64)
+    rank[np.argsort(-det_scores, kind="stable")] = np.arange(n)
+    first = np.full(len(gt_boxes), n, np.int64)  # the best rank among the detections claiming each
+    np.minimum.at(first, j[claim], rank[claim])
+    tp = claim & (rank == first[j])
+    return tp.astype(np.float64), (~hit | (claim & ~tp)).astype(np.float64)
 
 
 def _ap_all_point(rec, prec) -> float:
@@ -622,14 +642,17 @@ def voc_map(detections, ground_truths, num_classes: int, *, iou_thres: float = 0
         gb, gc = np.asarray(gt[0], np.float64).reshape(-1, 4), np.asarray(gt[1]).reshape(-1)
         gd = np.asarray(gt[2], bool) if len(gt) > 2 else np.zeros(len(gc), bool)
         db, ds, dc = db.reshape(-1, 4).astype(np.float64), ds.reshape(-1).astype(np.float64), dc.reshape(-1)
-        for c in range(num_classes):
-            g, d = gc == c, dc == c
-            n_gt[c] += int(np.sum(g & ~gd))
-            if np.any(d):
-                tp, fp = _match_image(db[d], ds[d], gb[g], gd[g], iou_thres)
-                scores[c].append(ds[d])
-                tps[c].append(tp)
-                fps[c].append(fp)
+        n_gt += np.bincount(gc[~gd].astype(np.int64), minlength=num_classes)[:num_classes]
+        if not len(ds):
+            continue
+        tp, fp = _match_image(db, ds, dc, gb, gc, gd, iou_thres)
+        for c in np.unique(dc).tolist():
+            if not 0 <= c < num_classes:
+                continue
+            d = dc == c
+            scores[c].append(ds[d])
+            tps[c].append(tp[d])
+            fps[c].append(fp[d])
     ap = np.full(num_classes, np.nan)
     ap11 = np.full(num_classes, np.nan)
     for c in range(num_classes):

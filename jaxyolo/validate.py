@@ -68,10 +68,14 @@ def _population_eval(graphdef, anchors, strides, nc, max_det, gain_rule):
             raw = model(images, train=False)
             loss_hyp = loss_gains(h, nc=nc, img_size=images.shape[1], rule=gain_rule)
             _, terms = yolo_loss(raw, boxes, classes, mask, anchors=anchors, strides=strides, hyp=loss_hyp)
-            dets = nms(decode(raw, anchors, strides), conf_thres=conf, iou_thres=iou, max_det=max_det)
-            return terms, dets
+            return terms, decode(raw, anchors, strides)
 
-        return jax.vmap(one)(params, stats, hyp)
+        terms, decoded = jax.vmap(one)(params, stats, hyp)
+        # NMS over every member's images at once, outside the vmap: it picks its candidate sort
+        # by the batch's largest candidate count, a branch that vmap would turn into both
+        pop, b = decoded.shape[:2]
+        dets = nms(decoded.reshape(pop * b, *decoded.shape[2:]), conf_thres=conf, iou_thres=iou, max_det=max_det)
+        return terms, jax.tree.map(lambda x: x.reshape(pop, b, *x.shape[1:]), dets)
 
     return run
 

@@ -13,6 +13,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
+from jaxyolo import evaluate as E
 from jaxyolo.data.dataset import DetectionDataset
 from jaxyolo.errors import JaxyoloError
 from jaxyolo.evaluate import (
@@ -220,6 +221,25 @@ def test_nms_equals_numpy_greedy(static):
         assert max(len(g[0]) for g in got) > 0
 
 
+def test_nms_short_candidate_list_equals_the_full_sort(monkeypatch):
+    # with at most SHORT_LIST valid candidates in every image, the candidates are sorted by a
+    # shorter top-k; the result must not change. A list of 24 makes both branches reachable on
+    # small inputs: conf 0.9 leaves a few candidates per image, conf 0.1 leaves many.
+    monkeypatch.setattr(E, "SHORT_LIST", 24)
+    static = {"max_det": 299, "multi_label": True, "block_size": 16}  # its own compilation
+    rng = np.random.default_rng(5)
+    x = random_decoded(rng, *SHAPE[:2], SHAPE[2] - 5)
+    x[0, :3, 4:] = 1.0  # image 0: 3 boxes x 3 classes certain, so the short list is never empty
+    for conf in (0.9, 0.1):
+        n_valid = ((x[..., 4:5] > conf) & (x[..., 5:] * x[..., 4:5] > conf)).sum((1, 2)).max()
+        assert (n_valid <= 24) == (conf == 0.9)
+        got = split_detections(nms(x, conf_thres=conf, iou_thres=0.5, **static))
+        ref = nms_numpy(x, conf_thres=conf, iou_thres=0.5, max_det=299)
+        for i, (g, r) in enumerate(zip(got, ref)):
+            for a, b in zip(g, r):
+                np.testing.assert_array_equal(a, b, err_msg=f"conf {conf}, image {i}")
+
+
 def test_nms_class_aware_padding_and_ties():
     # three identical boxes: classes 0 and 1 survive each other, the second class-0 box is suppressed;
     # a far box with a tied score comes after the earlier row. Padded to SHAPE to reuse a compilation.
@@ -308,6 +328,67 @@ def test_voc_difficult_hit_counts_as_neither():
     gts = [(np.array([[0, 0, 10, 10], [50, 50, 60, 60]]), np.array([0, 0]), np.array([True, False]))]
     dets = [(np.array([[0, 0, 10, 10], [50, 50, 60, 60]]), np.array([0.9, 0.8]), np.array([0, 0]))]
     assert voc_map(dets, gts, 1)["AP50"][0] == 1.0  # the difficult hit is no false positive
+
+
+def _voc_loop(detections, ground_truths, num_classes, iou_thres=0.5):
+    """Per class, detections of every image pooled and visited in descending score (stable); each
+    takes its image's best same-class ground truth (continuous-pixel IoU); written independently
+    of voc_map's per-image vectorised matching. Returns per-class all-point AP."""
+    ap = []
+    for c in range(num_classes):
+        dets = [(s, i, b) for i, (bx, sc, cl) in enumerate(detections) for b, s, k in zip(bx, sc, cl) if k == c]
+        dets.sort(key=lambda t: -t[0])
+        gt = [[(b, bool(d)) for b, k, d in zip(g[0], g[1], g[2]) if k == c] for g in ground_truths]
+        n_gt = sum(not d for g in gt for _, d in g)
+        taken = [[False] * len(g) for g in gt]
+        tp, fp = [], []
+        for _, i, b in dets:
+            ious = []
+            for g, _ in gt[i]:
+                iw = max(min(b[2], g[2]) - max(b[0], g[0]), 0)
+                ih = max(min(b[3], g[3]) - max(b[1], g[1]), 0)
+                u = (b[2] - b[0]) * (b[3] - b[1]) + (g[2] - g[0]) * (g[3] - g[1]) - iw * ih
+                ious.append(iw * ih / u)
+            j = int(np.argmax(ious)) if ious else -1
+            if j < 0 or not ious[j] > iou_thres:
+                tp.append(0), fp.append(1)
+            elif gt[i][j][1]:
+                continue
+            elif not taken[i][j]:
+                taken[i][j] = True
+                tp.append(1), fp.append(0)
+            else:
+                tp.append(0), fp.append(1)
+        if n_gt == 0:
+            ap.append(math.nan)
+            continue
+        tp, fp = np.cumsum(tp), np.cumsum(fp)
+        rec, prec = tp / n_gt, tp / np.maximum(tp + fp, 1e-12)
+        r = np.concatenate([[0.0], rec, [1.0]])
+        p = np.concatenate([[0.0], prec, [0.0]])
+        p = np.maximum.accumulate(p[::-1])[::-1]
+        k = np.nonzero(r[1:] != r[:-1])[0]
+        ap.append(float(np.sum((r[k + 1] - r[k]) * p[k + 1])))
+    return np.array(ap)
+
+
+def test_voc_map_equals_a_pooled_loop_on_random_scenes():
+    rng = np.random.default_rng(11)
+    dets, gts = [], []
+    for _ in range(30):
+        m = int(rng.integers(0, 6))
+        g = rng.integers(0, 80, (m, 2)).astype(float)
+        g = np.concatenate([g, g + rng.integers(8, 40, (m, 2))], 1)
+        gc, gd = rng.integers(0, 3, m), rng.random(m) < 0.2
+        n = int(rng.integers(0, 12))
+        src = rng.integers(0, max(m, 1), n)  # detections near a ground truth (duplicates) or anywhere
+        b = g[src] + rng.normal(0, 4, (n, 4)) if m else rng.integers(0, 80, (n, 4)).astype(float)
+        b[:, 2:] = np.maximum(b[:, 2:], b[:, :2] + 1)
+        dets.append((b, rng.integers(1, 6, n) / 5, np.where(rng.random(n) < 0.8, gc[src] if m else 0, rng.integers(0, 3, n))))
+        gts.append((g.reshape(-1, 4), gc, gd))
+    got = voc_map(dets, gts, 3)["AP50"]
+    np.testing.assert_allclose(got, _voc_loop(dets, gts, 3), rtol=0, atol=1e-12)
+    assert np.all(np.isfinite(got)) and 0 < got.min() < got.max() < 1  # a case with hits and misses
 
 
 # ------------------------------------------------------------------------------------ end to end
