@@ -115,8 +115,9 @@ def sample_perspective_params(key, *, degrees, translate, scale, shear, perspect
             "trans_y": 0.5 + translate * u[7]}
 
 
-def _to_unit(image):
-    """uint8 → float32 value / 255; float stays as is (assumed already in [0, 1])."""
+def to_unit(image):
+    """An image as float32 in [0, 1]: uint8 → value / 255; float stays as is (taken as already
+    in [0, 1]). The one conversion of the library (training, validation, prediction)."""
     if image.dtype == jnp.uint8:
         return image.astype(jnp.float32) / 255.0
     return image.astype(jnp.float32)
@@ -223,7 +224,7 @@ def warp_image(image, m_inv, out_hw, border_value=BORDER_VALUE):
         return _horizontal(wx0, wx1, left, right, grey)
     wx0, wx1 = _axis_weights(x0, sx - x0f, px, w)
     wy0, wy1 = _axis_weights(y0, sy - y0f, py, h)
-    patch = _to_unit(patch)
+    patch = to_unit(patch)
     out = wy0 * (wx0 * patch[:, :, 0, 0] + wx1 * patch[:, :, 0, 1]) + wy1 * (wx0 * patch[:, :, 1, 0] + wx1 * patch[:, :, 1, 1])
     return out + (1 - (wy0 + wy1) * (wx0 + wx1)) * jnp.float32(border_value)
 
@@ -256,7 +257,7 @@ def warp_image_axis_aligned(image, m_inv, out_hw, border_value=BORDER_VALUE):
         return _horizontal(wx0[None], wx1[None], rows[:, px], rows[:, px + 1], grey)
     wx0, wx1 = _axis_weights(x0, sx - x0f, px, w)  # (Wo, 1)
     wy0, wy1 = _axis_weights(y0, sy - y0f, py, h)  # (Ho, 1)
-    rows = wy0[:, None] * _to_unit(image[py]) + wy1[:, None] * _to_unit(image[py + 1])  # (Ho, W, C)
+    rows = wy0[:, None] * to_unit(image[py]) + wy1[:, None] * to_unit(image[py + 1])  # (Ho, W, C)
     out = wx0[None] * rows[:, px] + wx1[None] * rows[:, px + 1]
     inside = (wy0 + wy1)[:, None] * (wx0 + wx1)[None]
     return out + (1 - inside) * jnp.float32(border_value)
@@ -330,7 +331,7 @@ def apply_hsv_gains(image, gains):
     mostly idle vector lanes, and `mod` is a library call per element (32 images of 128² took
     10.1 ms with both, 2.8 ms without)."""
     gains = jnp.asarray(gains, jnp.float32)
-    x = _to_unit(image)
+    x = to_unit(image)
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
     mx = jnp.maximum(jnp.maximum(r, g), b)
     c = mx - jnp.minimum(jnp.minimum(r, g), b)
@@ -452,13 +453,13 @@ def augment_batch(key, hyp: Mapping[str, jax.Array], mosaic_canvas, mosaic_boxes
     if uint8:
         single, grey = single_image, 114
     else:  # gather float; the warp reads float as already in [0, 1]
-        single, grey = _to_unit(single_image), BORDER_VALUE
+        single, grey = to_unit(single_image), BORDER_VALUE
     canvas_s = jnp.pad(single, ((0, 0), (off, off), (off, off), (0, 0)), constant_values=grey)
     single_boxes = single_boxes.astype(jnp.float32) + off
     if mosaic_canvas is None:
         canvas_m, mosaic_boxes, mosaic_classes, mosaic_mask = canvas_s, single_boxes, single_classes, single_mask
     else:
-        canvas_m = mosaic_canvas if uint8 else _to_unit(mosaic_canvas)
+        canvas_m = mosaic_canvas if uint8 else to_unit(mosaic_canvas)
     n = max(single_boxes.shape[1], mosaic_boxes.shape[1])
 
     keys = jax.random.split(key, (b, 5))  # per sample, per purpose

@@ -57,6 +57,7 @@ from flax import nnx
 
 from jaxyolo import train as T
 from jaxyolo.errors import ConfigError
+from jaxyolo.loss import bce_with_logits
 
 KD_TERMS = ("obj", "cls", "box", "feat")
 KD_KEYS = ("kd_obj", "kd_cls", "kd_box", "kd_feat")
@@ -163,15 +164,10 @@ def init_state(student, teacher=None, *, features: bool = False, seed: int = 0) 
 # ------------------------------------------------------------------------------- the loss terms
 
 
-def _bce(logits, targets):
-    """BCE with logits against soft targets: −[y log σ(x) + (1 − y) log(1 − σ(x))]."""
-    return -(targets * jax.nn.log_sigmoid(logits) + (1 - targets) * jax.nn.log_sigmoid(-logits))
-
-
 def objectness_kd(s, t):
     """Mehta & Ozturk 2018 objectness distillation of one level: the mean over (B, na, H, W) of
     BCE(student objectness logit, σ(teacher objectness logit)). s, t: raw (B, na, H, W, 5 + nc)."""
-    return jnp.mean(_bce(s[..., 4], jax.nn.sigmoid(t[..., 4])))
+    return jnp.mean(bce_with_logits(s[..., 4], jax.nn.sigmoid(t[..., 4])))
 
 
 def class_kd(s, t, temperature):
@@ -179,7 +175,7 @@ def class_kd(s, t, temperature):
     2015) of one level: Σ_cells w · mean_c T² BCE(s_c / T, σ(t_c / T)) / max(Σ w, 1), w = σ(teacher
     objectness logit)."""
     w = jax.nn.sigmoid(t[..., 4])
-    per_cell = jnp.mean(_bce(s[..., 5:] / temperature, jax.nn.sigmoid(t[..., 5:] / temperature)), -1)
+    per_cell = jnp.mean(bce_with_logits(s[..., 5:] / temperature, jax.nn.sigmoid(t[..., 5:] / temperature)), -1)
     return jnp.square(temperature) * jnp.sum(w * per_cell) / jnp.maximum(jnp.sum(w), 1.0)
 
 

@@ -43,8 +43,9 @@ def bbox_ciou(b1, b2, eps: float = 1e-9):
     return iou - (rho2 / c2 + v * alpha)
 
 
-def _bce_with_logits(logits, targets, pos_weight):
-    # PyTorch's BCEWithLogitsLoss with pos_weight: -(pw * y * log σ(x) + (1 - y) * log(1 - σ(x)))
+def bce_with_logits(logits, targets, pos_weight=1.0):
+    """PyTorch's BCEWithLogitsLoss (no reduction) with `pos_weight`, for soft targets too:
+    −(pw · y · log σ(x) + (1 − y) · log(1 − σ(x)))."""
     log_p = jax.nn.log_sigmoid(logits)
     log_not_p = jax.nn.log_sigmoid(-logits)
     return -(pos_weight * targets * log_p + (1 - targets) * log_not_p)
@@ -123,11 +124,11 @@ def yolo_loss(
         score = jnp.clip(jax.lax.stop_gradient(iou), 0.0, None)
         tobj = jnp.zeros((n_cells,), jnp.float32).at[cell.ravel()].add(jnp.where(winner, score, 0.0).ravel())
         tobj = tobj.reshape(bsz, na, h, w)
-        lobj = jnp.mean(_bce_with_logits(p[..., 4].astype(jnp.float32), tobj, hyp["obj_pw"])) * hyp["balance"][lvl]
+        lobj = jnp.mean(bce_with_logits(p[..., 4].astype(jnp.float32), tobj, hyp["obj_pw"])) * hyp["balance"][lvl]
         if nc > 1:
             onehot = jax.nn.one_hot(classes, nc)[None, :, :, None, :]  # (1, B, M, 1, nc)
             tcls = jnp.broadcast_to(cn + (cp - cn) * onehot, ps[..., 5:].shape)
-            lcls = jnp.sum(_bce_with_logits(ps[..., 5:], tcls, hyp["cls_pw"]) * vf[..., None]) / (safe_n * nc)
+            lcls = jnp.sum(bce_with_logits(ps[..., 5:], tcls, hyp["cls_pw"]) * vf[..., None]) / (safe_n * nc)
         else:
             lcls = jnp.zeros((), jnp.float32)
         local.append(jnp.stack([lbox, lobj, lcls]))

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from jaxyolo.augment import to_unit
 from jaxyolo.data.pipeline import letterbox, letterbox_offsets, unletterbox_boxes
 from jaxyolo.errors import ConfigError
 from jaxyolo.evaluate import nms, split_detections
@@ -44,7 +45,7 @@ def predict(detector, image: np.ndarray, *, img_size: int = 640, conf_thres: flo
     boxed, (gx, gy), (dw, dh) = letterbox(resized, img_size, auto=False, scaleup=False)
     left, top = letterbox_offsets(dw, dh)
     gain_x, gain_y = resized.shape[1] / w0 * gx, resized.shape[0] / h0 * gy
-    x = jnp.asarray(boxed[None], jnp.float32) / 255.0
+    x = to_unit(jnp.asarray(boxed[None], jnp.uint8))
     dets = nms(detector(x), conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
     boxes, scores, classes = split_detections(dets)[0]
     boxes = unletterbox_boxes(boxes, np.asarray([gain_x, gain_y, left, top]), (h0, w0))

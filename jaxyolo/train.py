@@ -52,6 +52,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxyolo.augment import to_unit
 from jaxyolo.errors import ConfigError
 from jaxyolo.hyp import GAIN_RULES, loss_gains
 from jaxyolo.loss import yolo_loss
@@ -358,8 +359,7 @@ class StepCore:
 
 def batch_images(batch):
     """A batch's `image` as float32 in [0, 1] (uint8 is divided by 255)."""
-    img = batch["image"]
-    return img.astype(jnp.float32) / 255.0 if img.dtype == jnp.uint8 else img.astype(jnp.float32)
+    return to_unit(batch["image"])
 
 
 def make_train_step(detector, config: TrainConfig, *, augment_fn: Callable | None = None):

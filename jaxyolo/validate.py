@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxyolo.augment import to_unit
 from jaxyolo.data.dataset import DetectionDataset
 from jaxyolo.data.pipeline import eval_batches, pad_boxes, unletterbox_boxes
 from jaxyolo.evaluate import detections_to_coco, evaluate_predictions, nms, split_detections
@@ -33,7 +34,8 @@ DEFAULT_MAX_DET = 300
 
 
 def fitness(ap50: float, ap: float) -> float:
-    """The reference's fitness: 0.1·mAP@0.5 + 0.9·mAP@0.5:0.95."""
+    """The reference's fitness, 0.1·mAP@0.5 + 0.9·mAP@0.5:0.95 (its precision and recall weights
+    are 0); trials, checkpoints and the search rank by it."""
     return 0.1 * ap50 + 0.9 * ap
 
 
@@ -118,7 +120,7 @@ def validate_population(graphdef, spec, params, stats, hyp, dataset: DetectionDa
     pending = None  # the previous batch, read back while this one runs on the device
     for batch in batches:
         boxes, classes, mask = letterboxed_targets(dataset, batch, max_boxes)
-        images = jnp.asarray(batch["image"], jnp.float32) / 255.0
+        images = to_unit(jnp.asarray(batch["image"]))
         out = run(params, stats, images, boxes, classes, mask, hyp, conf, iou)
         if pending is not None:
             collect(*pending)

@@ -23,17 +23,11 @@ from __future__ import annotations
 import numpy as np
 
 from jaxyolo.errors import ConfigError
+from jaxyolo.validate import fitness  # noqa: F401 - the search's fitness is the trainer's
 
 from .space import DECIMALS, SearchSpace
 
 FACTOR_CLIP = (0.3, 3.0)  # the reference's clip of the mutation factor
-FITNESS_WEIGHTS = (0.0, 0.0, 0.1, 0.9)  # on (P, R, mAP@0.5, mAP@0.5:0.95): YRP utils/metrics.py fitness()
-
-
-def fitness(map50: float, map50_95: float, precision: float = 0.0, recall: float = 0.0) -> float:
-    """The reference's fitness 0.0·P + 0.0·R + 0.1·mAP@0.5 + 0.9·mAP@0.5:0.95."""
-    w = FITNESS_WEIGHTS
-    return float(w[0] * precision + w[1] * recall + w[2] * map50 + w[3] * map50_95)
 
 
 def _history(vectors, fitness_values, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +42,7 @@ import yaml
 
 from jaxyolo import hyp as H
 from jaxyolo.errors import ConfigError
+from jaxyolo.files import atomic_write_text
 
 log = logging.getLogger("jaxyolo.pipeline")
 
@@ -322,7 +322,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, stages: Sequence[str] 
         produced = _run_unit(steps[unit], cfg, results, out, emit)
         for r in produced.values():
             r["seconds"] = time.time() - t0
-        _atomic_write(out / "stages" / unit / "result.json", json.dumps(produced, indent=1))
+        atomic_write_text(out / "stages" / unit / "result.json", json.dumps(produced, indent=1))
         results.update(produced)
         _write_report(cfg, out, results)
         emit({"event": "stage", "stage": unit, "rows": list(rows), "status": "done", "seconds": time.time() - t0})
@@ -356,7 +356,7 @@ def _check_saved_config(cfg: PipelineConfig, out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"out {out}: exists, is not empty and holds no pipeline run; use another --out")
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "pipeline.json", json.dumps({"format": FORMAT, "config": cfg.to_dict()}, indent=1))
+    atomic_write_text(out / "pipeline.json", json.dumps({"format": FORMAT, "config": cfg.to_dict()}, indent=1))
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -380,13 +380,6 @@ def _read_result(out: Path, unit: str) -> dict | None:
     except json.JSONDecodeError:
         log.warning("%s: unreadable; unit %s runs again", p, unit)
         return None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ units

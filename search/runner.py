@@ -32,7 +32,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,6 +40,7 @@ import numpy as np
 
 from jaxyolo import hyp as H
 from jaxyolo.errors import ConfigError
+from jaxyolo.files import atomic_write_text
 from jaxyolo.search import evolve, trend
 from jaxyolo.search.space import SearchSpace
 
@@ -169,7 +169,7 @@ class SearchLog:
         return data
 
     def write(self, meta: dict, trials: list[dict]) -> None:
-        _atomic_write(self.out / "results.json", json.dumps({"format": LOG_FORMAT, **meta, "trials": trials},
+        atomic_write_text(self.out / "results.json", json.dumps({"format": LOG_FORMAT, **meta, "trials": trials},
                                                             indent=1))
         cols = ["phase", "generation", "member", "fitness", *(f"metrics/{k}" for k in METRIC_KEYS),
                 *self.space.names]
@@ -178,13 +178,7 @@ class SearchLog:
             vals = [t["phase"], t["generation"], t["member"], t["fitness"], *(t["metrics"][k] for k in METRIC_KEYS),
                     *(t["params"][n] for n in self.space.names)]
             lines.append(",".join(str(v) for v in vals))
-        _atomic_write(self.out / "results.csv", "\n".join(lines) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        atomic_write_text(self.out / "results.csv", "\n".join(lines) + "\n")
 
 
 def _meta(options: SearchOptions, space: SearchSpace) -> dict:
@@ -267,7 +261,7 @@ def run_search(options: SearchOptions, *, resume: bool = False, evaluate: Evalua
     # 2. the trend-guided grid with the loss-curve derived weights
     if options.grid_dims > 0 and not done("grid", 0):
         grid, info = grid_population(trials, space, base, options)
-        _atomic_write(out / "grid.json", json.dumps(info, indent=1, default=_jsonable))
+        atomic_write_text(out / "grid.json", json.dumps(info, indent=1, default=_jsonable))
         if len(grid):
             population("grid", 0, grid)
         else:  # flat trends and no loss-curve weights: nothing new to try, so nothing is trained
@@ -275,7 +269,7 @@ def run_search(options: SearchOptions, *, resume: bool = False, evaluate: Evalua
 
     best = max(trials, key=lambda t: t["fitness"])
     best_hyp = H.load_hyp(best["hyp"])
-    _atomic_write(out / "best_hyp.yaml", _best_yaml(best, best_hyp))
+    atomic_write_text(out / "best_hyp.yaml", _best_yaml(best, best_hyp))
 
     # 3. the winner, trained for longer
     if options.final_epochs and not done("final", 0):

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import datetime
 import json
-from pathlib import Path
 
 from jaxyolo.errors import ConfigError
+from jaxyolo.files import atomic_write_text
 
 ORDER = ("train", "population", "infer", "eval", "gpu", "learn")
 ALL = ORDER[:-1]  # `all`: every suite but learn, which trains models for minutes to hours
@@ -110,11 +110,7 @@ def run(args) -> int:
 
 
 def write(path: str, results: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(results, indent=1) + "\n")
 
 
 def summary(name: str, r: dict) -> str:
