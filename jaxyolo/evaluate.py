@@ -258,49 +258,55 @@ def nms_numpy(
     multi_label: bool = True,
     max_candidates: int | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Plain-loop reference of `nms` (for tests): per image (boxes xyxy, scores, classes).
+    """NumPy reference of `nms`, written independently of the JAX code (the tests and the ONNX
+    export's parity gate check against it): per image (boxes xyxy float32, scores float32,
+    classes int32).
 
-    Written independently of the JAX code: a Python list of candidates, a stable sort, and the
-    textbook greedy loop. Scores are float32 products as on device; IoU is float64.
+    Candidates and scores in float32 as `nms` forms them, sorted by score with ties in box-major
+    candidate order (`max_candidates` keeps that many); greedy per class, which is class-aware NMS
+    (boxes of different classes never suppress each other), with IoU in float64 (two empty boxes:
+    NaN, no suppression); then the max_det best kept, ties again in candidate order.
     """
     out = []
     for x in np.asarray(decoded, np.float32):
         nc = x.shape[1] - 5
-        cands = []  # (score, box row, class) in box-major order
-        for i, row in enumerate(x):
-            if not row[4] > conf_thres:
-                continue
-            s = row[5:] * row[4]
-            if multi_label and nc > 1:
-                cands += [(s[c], i, c) for c in range(nc) if s[c] > conf_thres]
-            elif s[int(np.argmax(s))] > conf_thres:
-                cands.append((s[int(np.argmax(s))], i, int(np.argmax(s))))
-        cands.sort(key=lambda t: -t[0])  # list.sort is stable
-        if max_candidates is not None:
-            cands = cands[:max_candidates]
-        kept = []
-        for s, i, c in cands:
-            cx, cy, w, h = x[i, :4]
-            box = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], np.float32)
-            shifted = [float(v) + c * MAX_WH for v in box]  # Python floats: float64, and fast
-            if not any(_iou_one(shifted, kb[3]) > iou_thres for kb in kept):
-                kept.append((box, s, c, shifted))
-                if len(kept) == max_det:
+        obj = x[:, 4]
+        scores = x[:, 5:] * obj[:, None]
+        conf = np.float32(conf_thres)
+        if multi_label and nc > 1:
+            box, cls = np.nonzero((obj[:, None] > conf) & (scores > conf))  # box-major
+        else:
+            best = np.argmax(scores, axis=1)
+            box = np.nonzero((obj > conf) & (scores[np.arange(len(x)), best] > conf))[0]
+            cls = best[box]
+        score = scores[box, cls]
+        order = np.argsort(-score, kind="stable")[:max_candidates]
+        box, cls, score = box[order], cls[order], score[order]
+        xyxy = np.concatenate([x[:, :2] - x[:, 2:4] / np.float32(2), x[:, :2] + x[:, 2:4] / np.float32(2)], axis=1)
+        kept = []  # positions in the sorted candidate list
+        for c in np.unique(cls):
+            idx = np.nonzero(cls == c)[0]
+            b = xyxy[box[idx]].astype(np.float64)
+            area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+            alive = np.ones(len(idx), bool)
+            n_kept = 0
+            for j in range(len(idx)):
+                if not alive[j]:
+                    continue
+                kept.append(idx[j])
+                n_kept += 1
+                if n_kept == max_det:  # no later box of this class can be among the max_det best
                     break
-        out.append((
-            np.array([k[0] for k in kept], np.float32).reshape(-1, 4),
-            np.array([k[1] for k in kept], np.float32),
-            np.array([k[2] for k in kept], np.int32),
-        ))
+                rest = np.nonzero(alive[j + 1:])[0] + j + 1
+                lt = np.maximum(b[j, :2], b[rest, :2])
+                rb = np.minimum(b[j, 2:], b[rest, 2:])
+                inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    iou = inter / (area[j] + area[rest] - inter)
+                alive[rest[iou > iou_thres]] = False
+        kept = np.sort(np.asarray(kept, np.int64))[:max_det]  # sorted positions: score order, ties by candidate
+        out.append((xyxy[box[kept]].reshape(-1, 4), score[kept].astype(np.float32), cls[kept].astype(np.int32)))
     return out
-
-
-def _iou_one(a, b) -> float:
-    iw = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
-    ih = max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else math.nan
 
 
 # ------------------------------------------------------------------------------------ coordinates

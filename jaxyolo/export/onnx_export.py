@@ -112,6 +112,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxyolo.errors import ConfigError, ExportError
+from jaxyolo.evaluate import nms_numpy
 from jaxyolo.files import quiet_logger
 
 TOLERANCE_FP32 = 1e-4
@@ -367,49 +368,6 @@ def _append_nms(model, decoded: str, *, nc: int, n_boxes: int, conf_thres: float
     ])
 
 
-def _nms_reference(decoded: np.ndarray, *, conf_thres: float, iou_thres: float, max_det: int):
-    """Float64 NumPy NMS with the graph's semantics: per image (boxes xyxy float32, scores, classes).
-
-    Candidates and scores in float32 exactly as `jaxyolo.evaluate.nms` forms them; greedy per class
-    with IoU in float64; then the max_det best, ties in box-major candidate order.
-    """
-    out = []
-    for x in np.asarray(decoded, np.float32):
-        nc = x.shape[1] - 5
-        obj = x[:, 4]
-        scores = x[:, 5:] * obj[:, None]
-        ok = (obj[:, None] > np.float32(conf_thres)) & (scores > np.float32(conf_thres))
-        xy, wh = x[:, :2], x[:, 2:4]
-        xyxy = np.concatenate([xy - wh / np.float32(2), xy + wh / np.float32(2)], axis=1)
-        kept = []  # (score, box-major index, box, class)
-        for c in range(nc):
-            idx = np.nonzero(ok[:, c])[0]
-            idx = idx[np.argsort(-scores[idx, c], kind="stable")]
-            b = xyxy[idx].astype(np.float64)
-            area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-            alive = np.ones(len(idx), bool)
-            n_kept = 0
-            for j in range(len(idx)):
-                if not alive[j]:
-                    continue
-                kept.append((scores[idx[j], c], idx[j] * nc + c, idx[j], c))
-                n_kept += 1
-                if n_kept == max_det:
-                    break
-                rest = np.nonzero(alive[j + 1:])[0] + j + 1
-                lt = np.maximum(b[j, :2], b[rest, :2])
-                rb = np.minimum(b[j, 2:], b[rest, 2:])
-                inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    iou = inter / (area[j] + area[rest] - inter)
-                alive[rest[iou > iou_thres]] = False
-        kept.sort(key=lambda t: (-t[0], t[1]))
-        kept = kept[:max_det]
-        out.append((xyxy[[t[2] for t in kept]].reshape(-1, 4), np.array([t[0] for t in kept], np.float32),
-                    np.array([t[3] for t in kept], np.int64)))
-    return out
-
-
 # -------------------------------------------------------------------------------- parity gate
 
 
@@ -444,7 +402,7 @@ def _parity(detector, model, file: Path, hw, *, batch, nms, conf_thres, iou_thre
     scale = np.array([w, h, w, h], np.float32)
     diffs = {"decoded" if nms else OUTPUT_NAME: _diff(decoded, want, scale)}
     if nms:
-        ref = _nms_reference(decoded, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
+        ref = nms_numpy(decoded, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
         counts = got["num_dets"][:, 0]
         mismatch = [i for i, r in enumerate(ref) if counts[i] != len(r[1]) or
                     not np.array_equal(got["classes"][i, :counts[i]], r[2])]
