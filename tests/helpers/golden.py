@@ -9,7 +9,8 @@ Cases (each a few iterations on fixed inputs):
 A digest holds, per state leaf, the start of the SHA-256 of its bytes and its float64 sum and
 absolute sum.
 XLA's CPU kernels differ between instruction sets, so the bytes are only comparable on a machine
-like the one that recorded them (`machine()`: jax version, backend, AVX-512 or not, XLA flags);
+like the one that recorded them (`machine()`: jax version, backend, CPU model and flags, XLA
+flags);
 elsewhere the sums are compared with a tolerance.
 
 Record (deliberately, before changing what a step computes), under the test suite's XLA flags:
@@ -30,17 +31,22 @@ CASES = ("train", "distill", "population")
 
 
 def machine() -> dict:
+    """What decides the bytes a step computes: jax, the backend, the CPU (model name and every
+    instruction-set flag, as XLA compiles for the host) and the XLA flags."""
     import jax
 
     import jaxyolo  # noqa: F401 - its CPU flag is part of what compiled the steps
 
-    flags = ""
+    cpu = ""
     if sys.platform.startswith("linux"):
         try:
-            flags = Path("/proc/cpuinfo").read_text()
+            info = Path("/proc/cpuinfo").read_text().splitlines()
         except OSError:
-            pass
-    return {"jax": jax.__version__, "backend": jax.default_backend(), "avx512f": " avx512f " in flags,
+            info = []
+        fields = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in info if ":" in line}
+        flags = " ".join(sorted(fields.get("flags", "").split()))
+        cpu = hashlib.sha256(f"{fields.get('model name', '')}|{flags}".encode()).hexdigest()[:16]
+    return {"jax": jax.__version__, "backend": jax.default_backend(), "cpu": cpu,
             "xla_flags": sorted(os.environ.get("XLA_FLAGS", "").split())}
 
 
@@ -112,15 +118,20 @@ def run(case: str):
     raise ValueError(f"unknown case {case!r}, expected one of {CASES}")
 
 
+def write(record: dict, target: Path) -> None:
+    """The record as JSON, one line per leaf (reviewable diffs, a third of the indented size)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    cases = ",\n".join(f"{json.dumps(c)}: {{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}"
+                                                              for k, v in sorted(leaves.items())) + "\n}"
+                       for c, leaves in sorted(record["cases"].items()))
+    target.write_text(f'{{"machine": {json.dumps(record["machine"])},\n"cases": {{\n{cases}\n}}}}\n')
+
+
 if __name__ == "__main__":
     tests = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(tests))  # `helpers` as the tests import it
     import conftest  # noqa: F401 - the suite's XLA flags, set before JAX starts
     target = Path(sys.argv[1])
     record = {"machine": machine(), "cases": {c: digest(run(c)) for c in CASES}}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    cases = ",\n".join(f"{json.dumps(c)}: {{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}"
-                                                              for k, v in sorted(leaves.items())) + "\n}"
-                       for c, leaves in sorted(record["cases"].items()))
-    target.write_text(f'{{"machine": {json.dumps(record["machine"])},\n"cases": {{\n{cases}\n}}}}\n')
+    write(record, target)
     print(f"wrote {target}: {', '.join(f'{c} {len(v)} leaves' for c, v in record['cases'].items())}")
