@@ -287,7 +287,6 @@ def nms_numpy(
         for c in np.unique(cls):
             idx = np.nonzero(cls == c)[0]
             b = xyxy[box[idx]].astype(np.float64)
-            area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
             alive = np.ones(len(idx), bool)
             n_kept = 0
             for j in range(len(idx)):
@@ -298,12 +297,7 @@ def nms_numpy(
                 if n_kept == max_det:  # no later box of this class can be among the max_det best
                     break
                 rest = np.nonzero(alive[j + 1:])[0] + j + 1
-                lt = np.maximum(b[j, :2], b[rest, :2])
-                rb = np.minimum(b[j, 2:], b[rest, 2:])
-                inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    iou = inter / (area[j] + area[rest] - inter)
-                alive[rest[iou > iou_thres]] = False
+                alive[rest[_iou_matrix_np(b[j:j + 1], b[rest])[0] > iou_thres]] = False
         kept = np.sort(np.asarray(kept, np.int64))[:max_det]  # sorted positions: score order, ties by candidate
         out.append((xyxy[box[kept]].reshape(-1, 4), score[kept].astype(np.float32), cls[kept].astype(np.int32)))
     return out

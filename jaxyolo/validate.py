@@ -65,6 +65,8 @@ def _population_eval(graphdef, anchors, strides, nc, max_det, gain_rule):
 
     @jax.jit
     def run(params, stats, images, boxes, classes, mask, hyp, conf, iou):
+        images = to_unit(images)
+
         def one(p, s, h):
             model = nnx.merge(graphdef, p, s, copy=True)
             raw = model(images, train=False)
@@ -120,8 +122,7 @@ def validate_population(graphdef, spec, params, stats, hyp, dataset: DetectionDa
     pending = None  # the previous batch, read back while this one runs on the device
     for batch in batches:
         boxes, classes, mask = letterboxed_targets(dataset, batch, max_boxes)
-        images = to_unit(jnp.asarray(batch["image"]))
-        out = run(params, stats, images, boxes, classes, mask, hyp, conf, iou)
+        out = run(params, stats, batch["image"], boxes, classes, mask, hyp, conf, iou)
         if pending is not None:
             collect(*pending)
         pending = (batch, *out)
