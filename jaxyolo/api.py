@@ -2,41 +2,41 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxyolo import families
 from jaxyolo.errors import CheckpointError, ConfigError
 from jaxyolo.files import crc32, quiet_logger, reason
-from jaxyolo.export import state_dict as sdmap
 from jaxyolo.models import config as mcfg
 from jaxyolo.models import profile
-from jaxyolo.models.fold import fold as fold_model
-from jaxyolo.models.heads import decode as decode_raw
-from jaxyolo.models.yolo import YOLO, ModelOptions, apply
+from jaxyolo.predictions import Predictions
 
-CHECKPOINT_FORMAT = "jaxyolo-detector/1"
+CHECKPOINT_FORMAT = "jaxyolo-detector/2"  # 2: the family and its spec fields are named
+# Version 1 (YOLOv4 only, anchors at the top level) still loads.
+_READABLE_FORMATS = ("jaxyolo-detector/1", CHECKPOINT_FORMAT)
 
 
 class Detector:
-    """A YOLO network with its table and options, and the operations users need on it.
+    """A detector network with its table and options, and the operations users need on it.
 
-    `model` is the Flax NNX module; `spec` the resolved table; `options` how it was built;
+    `model` is the Flax NNX module; `family` the detector family that built it
+    (`jaxyolo.families`); `spec` the resolved table; `options` how it was built;
     `training` how its weights were trained (None for a fresh or imported model): a JSON-able dict
     with at least `img_size`, and the `hyp` and `recipe` of the run, saved with the checkpoint so
     that evaluation and prediction default to the training size.
     """
 
-    def __init__(self, model: YOLO, table: dict, names: tuple[str, ...] | None = None,
+    def __init__(self, model, table: dict, names: tuple[str, ...] | None = None,
                  training: dict | None = None):
         self.model = model
+        self.family = families.of(model.spec)
         self.table = table  # the raw table, kept so save/load rebuild the same network
         self.names = tuple(names) if names is not None else tuple(str(i) for i in range(model.spec.nc))
         self.training = training
@@ -49,11 +49,11 @@ class Detector:
 
     # -- description -------------------------------------------------------------------------
     @property
-    def spec(self) -> mcfg.ModelSpec:
+    def spec(self):
         return self.model.spec
 
     @property
-    def options(self) -> ModelOptions:
+    def options(self):
         return self.model.options
 
     @property
@@ -62,8 +62,8 @@ class Detector:
 
     @property
     def kst(self) -> int:
-        """KST candidates per implicit vector (0 for a plain Detect head)."""
-        return self.model.head.kst
+        """KST candidates per implicit vector (0 for a plain Detect head or a family without)."""
+        return self.family.kst(self.model)
 
     def num_params(self) -> int:
         return profile.count_params(self.model)
@@ -73,16 +73,16 @@ class Detector:
         return profile.gflops(self.model, img_size)
 
     def layer_table(self, img_size: int = 640) -> list[dict]:
-        return profile.layer_table(self.model, img_size)
+        return self.family.layer_table(self.model, img_size)
 
     def __repr__(self) -> str:
-        head = f"implicit K={self.kst}" if self.kst else "detect"
-        return (f"Detector({self.spec.name}, nc={self.num_classes}, head={head}, act={self.options.act}, "
-                f"fused={self.options.fused}, params={self.num_params():,})")
+        return (f"Detector({self.spec.name}, nc={self.num_classes}, {self.family.describe(self.spec, self.options)}, "
+                f"params={self.num_params():,})")
 
     # -- inference ------------------------------------------------------------------------------
-    def forward_raw(self, images, *, kst_index=None) -> list[jax.Array]:
-        """Images (B, H, W, 3) float32 in [0, 1] -> raw logits per level, (B, na, H/s, W/s, 5 + nc).
+    def forward_raw(self, images, *, kst_index=None):
+        """Images (B, H, W, 3) float32 in [0, 1] -> the raw outputs (YOLOv4: logits per level,
+        (B, na, H/s, W/s, 5 + nc)).
 
         Inference mode (BatchNorm running statistics; KST candidates' mean unless `kst_index`
         = (shift, scale) picks a pair). H and W must be multiples of the largest stride.
@@ -94,13 +94,19 @@ class Detector:
             kst_index = jnp.asarray(kst_index, jnp.int32)
         return _jit_forward(graphdef, state, images, kst_index)
 
-    def decode(self, raw: Sequence[jax.Array]) -> jax.Array:
-        """Raw per-level logits -> (B, N, 5 + nc): centre x, y, width, height (pixels), objectness,
-        class scores, all after sigmoid: the reference's eval output."""
-        return _jit_decode(tuple(raw), self.spec.anchors, self.spec.strides)
+    def decode(self, raw) -> jax.Array:
+        """Raw outputs -> the tensor an exported file publishes, in the family's `export_layout`
+        (`jaxyolo.predictions`). YOLOv4: (B, N, 5 + nc), centre x, y, width, height (pixels),
+        objectness, class scores, all after sigmoid: the reference's eval output."""
+        return _jit_export_tensor(self.family, self.spec, _as_tuple(raw))
 
     def __call__(self, images, *, kst_index=None) -> jax.Array:
         return self.decode(self.forward_raw(images, kst_index=kst_index))
+
+    def predictions(self, images, *, kst_index=None) -> Predictions:
+        """Images -> the family-neutral `Predictions` (boxes xyxy, per-class scores) that
+        `jaxyolo.evaluate.nms` takes."""
+        return _jit_predictions(self.family, self.spec, _as_tuple(self.forward_raw(images, kst_index=kst_index)))
 
     def forward_all_kst(self, images) -> list[jax.Array]:
         """Raw outputs for every (shift, scale) candidate pair in one vmapped program.
@@ -140,21 +146,25 @@ class Detector:
     def fold(self, *, kst_index=None, bn: bool = True) -> "Detector":
         """The inference form: implicit vectors (their mean, or the pair `kst_index`) folded into
         the head convs and, if `bn`, BatchNorms folded into the convs. Outputs are unchanged."""
+        if self.family.name != "yolov4":
+            raise ConfigError(f"fold: a YOLOv4 operation; this is a {self.family.name} detector")
+        from jaxyolo.models.fold import fold as fold_model
+
         if kst_index is not None:
             self._check_kst_index(kst_index)
         return Detector(fold_model(self.model, kst_index=kst_index, bn=bn), self.table, self.names, self.training)
 
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":
-        """The reference PyTorch state_dict (numpy arrays keyed by PyTorch names, in order).
+        """The weights under the family's reference names (numpy arrays, in order).
 
-        A K=1 implicit head or a Detect head gives exactly the reference's keys and shapes; K > 1
-        keeps all candidates, stacked on the leading axis of each `implicit` tensor (fold first
-        for a reference-loadable file).
+        YOLOv4: the reference PyTorch state_dict. A K=1 implicit head or a Detect head gives
+        exactly the reference's keys and shapes; K > 1 keeps all candidates, stacked on the leading
+        axis of each `implicit` tensor (fold first for a reference-loadable file).
         """
-        return sdmap.to_state_dict(self.model)
+        return self.family.state_dict(self.model)
 
     def load_state_dict(self, state, *, source: str = "state_dict") -> "Detector":
-        sdmap.load_state_dict(self.model, state, source=source)
+        self.family.load_state_dict(self.model, state, source=source)
         return self
 
     # -- deployment ---------------------------------------------------------------------------
@@ -179,9 +189,9 @@ class Detector:
 
         self._require_values("save")
         path = Path(path).absolute()
-        meta = {"format": CHECKPOINT_FORMAT, "name": self.spec.name, "table": self.table,
-                "nc": self.spec.nc, "anchors": [[v for wh in lvl for v in wh] for lvl in self.spec.anchors],
-                "options": dataclasses.asdict(self.options), "names": list(self.names),
+        meta = {"format": CHECKPOINT_FORMAT, "family": self.family.name, "name": self.spec.name,
+                "table": self.table, "nc": self.spec.nc, "fields": self.family.checkpoint_fields(self.spec),
+                "options": self.family.options_to_dict(self.options), "names": list(self.names),
                 "training": self.training}
         state = nnx.to_pure_dict(nnx.state(self.model))
         meta["crc32"] = [crc32(x) for x in jax.tree.leaves(jax.device_get(state))]
@@ -191,18 +201,32 @@ class Detector:
         return path
 
 
+def _as_tuple(raw):
+    return tuple(raw) if isinstance(raw, list) else raw
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _jit_forward(graphdef, state, images, kst_index):
-    return apply(graphdef, state, images, kst_index=kst_index)[0]
+    model = nnx.merge(graphdef, state, copy=True)
+    if kst_index is None:
+        return model(images, train=False)
+    return model(images, train=False, kst_index=kst_index)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _jit_decode(raw, anchors, strides):
-    return decode_raw(raw, anchors, strides)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _jit_export_tensor(family, spec, raw):
+    return family.export_tensor(list(raw) if isinstance(raw, tuple) else raw, spec)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _jit_predictions(family, spec, raw):
+    return family.decode(list(raw) if isinstance(raw, tuple) else raw, spec)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _jit_all_kst(graphdef, state, images, k):
+    from jaxyolo.models.yolo import apply
+
     ii, jj = jnp.meshgrid(jnp.arange(k), jnp.arange(k), indexing="ij")
 
     def one(i, j):
@@ -212,9 +236,10 @@ def _jit_all_kst(graphdef, state, images, k):
     return [o.reshape((k, k) + o.shape[1:]) for o in outs]
 
 
-def _build(table: dict, name: str, *, nc, anchors, options: ModelOptions, seed: int, abstract: bool) -> Detector:
-    spec = mcfg.resolve(table, name=name, nc=nc, anchors=anchors)
-    make = lambda: YOLO(spec, options, rngs=nnx.Rngs(seed))  # noqa: E731
+def _build(table: dict, name: str, *, nc, fields: dict, options, seed: int, abstract: bool) -> Detector:
+    family = families.of_table(table, f"model table {name!r}")
+    spec = family.resolve(table, name=name, nc=nc, **fields)
+    make = lambda: family.build(spec, options, rngs=nnx.Rngs(seed))  # noqa: E731
     return Detector(nnx.eval_shape(make) if abstract else make(), table)
 
 
@@ -222,24 +247,24 @@ def create_model(
     name: str | Path = "yolov4s",
     *,
     num_classes: int = 80,
-    kst: int = 3,
-    head: str = "implicit",
-    act: str = "silu",
-    kst_draw: str = "step",
-    dtype: str | None = None,
     anchors=None,
     seed: int = 0,
     abstract: bool = False,
+    **options,
 ) -> Detector:
     """Build a detector from a built-in table (`yolov4s`, `yolov4m`, `yolov4l`, `yolov4x`,
-    `yolov4n`, `yolov4p`) or a path to a YAML table, initialised as the reference does.
+    `yolov4n`, `yolov4p`) or a path to a YAML table, initialised as its family does.
 
-    `abstract=True` builds shapes only (no values, instant even for the largest models): enough
-    for `num_params`, `gflops`, `layer_table` and `state_dict` key listings.
+    `options` are the family's model options (YOLOv4: `jaxyolo.models.yolo.ModelOptions`:
+    head="implicit", kst=3, kst_draw="step", act="silu", dtype=None); `anchors` (YOLOv4) replace
+    the table's. `abstract=True` builds shapes only (no values, instant even for the largest
+    models): enough for `num_params`, `gflops`, `layer_table` and `state_dict` key listings.
     """
     table_name, table = mcfg.load_table(name)
-    options = ModelOptions(head=head, kst=kst, kst_draw=kst_draw, act=act, dtype=dtype)
-    return _build(table, table_name, nc=num_classes, anchors=anchors, options=options, seed=seed, abstract=abstract)
+    family = families.of_table(table, f"model table {table_name!r}")
+    fields = {} if anchors is None else {"anchors": anchors}
+    return _build(table, table_name, nc=num_classes, fields=fields, options=family.make_options(**options),
+                  seed=seed, abstract=abstract)
 
 
 def load(path: str | Path) -> Detector:
@@ -259,12 +284,15 @@ def load(path: str | Path) -> Detector:
 
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         meta = read(ckptr, "meta", ocp.args.JsonRestore())
-        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+        if not isinstance(meta, dict) or meta.get("format") not in _READABLE_FORMATS:
+            raise CheckpointError(f"{path}: unknown checkpoint format "
+                                  f"{meta.get('format') if isinstance(meta, dict) else meta!r} "
+                                  f"(this version reads {', '.join(_READABLE_FORMATS)})")
         try:
-            options = ModelOptions(**meta["options"])
-            det = _build(meta["table"], meta["name"], nc=meta["nc"], anchors=meta["anchors"], options=options,
-                         seed=0, abstract=True)
+            family = families.get(meta.get("family", families.DEFAULT))
+            fields = meta["fields"] if "fields" in meta else {"anchors": meta["anchors"]}
+            det = _build(meta["table"], meta["name"], nc=meta["nc"], fields=fields,
+                         options=family.options_from_dict(meta["options"]), seed=0, abstract=True)
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: checkpoint description is incomplete ({e})") from None
         abstract = nnx.to_pure_dict(nnx.state(det.model))
@@ -315,7 +343,11 @@ def load_torch(name: str | Path, path: str | Path, *, num_classes: int | None = 
         # reference repositories' loaders do).
         state = extract_state_dict(read_torch_file(path), source=str(path), prefer_ema=True)
 
+    from jaxyolo.models.yolo import ModelOptions
+
     table_name, table = mcfg.load_table(name)
+    if families.of_table(table).name != "yolov4":
+        raise ConfigError(f"load_torch: {table_name} is not a YOLOv4 table (reference checkpoints are YOLOv4's)")
     spec = mcfg.resolve(table, name=table_name)
     p = f"model.{len(spec.layers) - 1}."
     if f"{p}m.0.bias" not in state:
@@ -335,6 +367,7 @@ def load_torch(name: str | Path, path: str | Path, *, num_classes: int | None = 
     implicit = f"{p}ia.0.implicit" in state
     kst = int(np.shape(state[f"{p}ia.0.implicit"])[0]) if implicit else 1
     options = ModelOptions(head="implicit" if implicit else "detect", kst=kst)
-    det = _build(table, table_name, nc=file_nc, anchors=anchors, options=options, seed=0, abstract=True)
+    det = _build(table, table_name, nc=file_nc, fields={} if anchors is None else {"anchors": anchors},
+                 options=options, seed=0, abstract=True)
     det.load_state_dict(state, source=str(path))
     return det

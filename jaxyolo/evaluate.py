@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxyolo.errors import JaxyoloError
+from jaxyolo.predictions import Predictions, from_tensor
 
 MAX_WH = 4096  # class offset of class-aware NMS (reference `max_wh`): no two classes' boxes overlap
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -61,7 +62,7 @@ class Detections(NamedTuple):
     """Padded per-image detections; rows at and past `count[b]` are padding (zeros, class -1)."""
 
     boxes: jax.Array  # (B, max_det, 4) xyxy in network-input pixels
-    scores: jax.Array  # (B, max_det) objectness x class probability
+    scores: jax.Array  # (B, max_det) the kept class score
     classes: jax.Array  # (B, max_det) int32
     count: jax.Array  # (B,) int32
 
@@ -69,10 +70,6 @@ class Detections(NamedTuple):
     def valid(self) -> jax.Array:
         """(B, max_det) bool mask of real rows."""
         return jnp.arange(self.scores.shape[-1])[None, :] < self.count[:, None]
-
-
-def _xywh2xyxy(b):
-    return jnp.concatenate([b[..., :2] - b[..., 2:4] / 2, b[..., :2] + b[..., 2:4] / 2], axis=-1)
 
 
 def _suppresses(a, b, iou_thres):
@@ -173,30 +170,27 @@ def _sorted(s, k: int):
     return jax.lax.cond(n_valid <= short, few, lambda: tuple(jax.lax.top_k(s, k)))
 
 
-def _candidates(decoded, conf_thres, multi_label: bool, k: int):
-    """(B, N, 5+nc) -> the best k candidates: score (invalid -> -inf), box index and class, sorted.
+def _candidates(scores, conf_thres, multi_label: bool, k: int):
+    """Per-class scores (B, N, nc) -> the best k candidates: score (invalid -> -inf), box index and
+    class, sorted.
 
     Multi-label pairs are laid out box-major (torch `nonzero` order) and top_k puts the lower index
     first among equal scores, so ties keep the reference's candidate order.
     """
-    b, n, no = decoded.shape
-    nc = no - 5
-    obj = decoded[..., 4]
-    scores = decoded[..., 5:] * obj[..., None]
+    b, n, nc = scores.shape
     if multi_label and nc > 1:
-        ok = (obj[..., None] > conf_thres) & (scores > conf_thres)
-        top_s, top_i = _sorted(jnp.where(ok, scores, -jnp.inf).reshape(b, n * nc), k)
+        top_s, top_i = _sorted(jnp.where(scores > conf_thres, scores, -jnp.inf).reshape(b, n * nc), k)
         return top_s, top_i // nc, (top_i % nc).astype(jnp.int32)
     best = jnp.max(scores, axis=-1)
     cls = jnp.argmax(scores, axis=-1).astype(jnp.int32)
-    ok = (obj > conf_thres) & (best > conf_thres)
-    top_s, top_i = _sorted(jnp.where(ok, best, -jnp.inf), k)
+    top_s, top_i = _sorted(jnp.where(best > conf_thres, best, -jnp.inf), k)
     return top_s, top_i, jnp.take_along_axis(cls, top_i, axis=1)
 
 
 def nms(
-    decoded,
+    predictions,
     *,
+    layout: str = "xywh-obj-cls",
     conf_thres: float = 0.001,
     iou_thres: float = 0.65,
     max_det: int = 300,
@@ -204,11 +198,12 @@ def nms(
     max_candidates: int = 30000,
     block_size: int = 128,
 ) -> Detections:
-    """Batched class-aware NMS of `decode` output (B, N, 5+nc), the reference's non_max_suppression.
+    """Batched class-aware NMS, the reference's non_max_suppression, of a family's `Predictions`
+    (boxes xyxy, per-class scores) or of a published tensor in `layout` (`jaxyolo.predictions`;
+    the default is the YOLO eval output (B, N, 5 + nc), score = objectness x class probability).
 
-    Drops objectness <= conf_thres; score = objectness x class probability; with nc > 1 and
-    multi_label every (box, class) pair scoring > conf_thres is a candidate, else each box's best
-    class; boxes are offset by class * 4096 px so classes never suppress each other; greedy NMS
+    With nc > 1 and multi_label every (box, class) pair scoring > conf_thres is a candidate, else
+    each box's best class; boxes are offset by class * 4096 px so classes never suppress each other; greedy NMS
     suppresses IoU > iou_thres; at most max_det kept per image, best first.
 
     Fixed shapes: only the best `max_candidates` candidates per image enter NMS (30000, as the
@@ -219,18 +214,25 @@ def nms(
     model (570 candidates per image); 0.14-0.17 s at 32-256 and 0.21 s at 512 untrained. At 416 px
     with 80 classes the pre-limit's top-k dominates and the block size does not matter.
     """
+    if not isinstance(predictions, Predictions):
+        predictions = _from_tensor(predictions, layout)
     # thresholds always go in as traced arguments: jit would compile separately for a left-out default
-    return _nms(decoded, jnp.float32(conf_thres), jnp.float32(iou_thres), max_det=max_det, multi_label=multi_label,
+    return _nms(predictions, jnp.float32(conf_thres), jnp.float32(iou_thres), max_det=max_det, multi_label=multi_label,
                 max_candidates=max_candidates, block_size=block_size)
 
 
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _from_tensor(x, layout):
+    return from_tensor(x, layout, xp=jnp)
+
+
 @functools.partial(jax.jit, static_argnames=("max_det", "multi_label", "max_candidates", "block_size"))
-def _nms(decoded, conf_thres, iou_thres, *, max_det, multi_label, max_candidates, block_size) -> Detections:
-    x = decoded.astype(jnp.float32)
-    _, n, no = x.shape
-    k = min(max_candidates, n * (no - 5) if multi_label and no > 6 else n)
-    top_s, cand_box_idx, cand_cls = _candidates(x, conf_thres, multi_label, k)
-    cand_boxes = _xywh2xyxy(jnp.take_along_axis(x[..., :4], cand_box_idx[..., None], axis=1))
+def _nms(predictions, conf_thres, iou_thres, *, max_det, multi_label, max_candidates, block_size) -> Detections:
+    boxes, scores = (a.astype(jnp.float32) for a in predictions)
+    _, n, nc = scores.shape
+    k = min(max_candidates, n * nc if multi_label and nc > 1 else n)
+    top_s, cand_box_idx, cand_cls = _candidates(scores, conf_thres, multi_label, k)
+    cand_boxes = jnp.take_along_axis(boxes, cand_box_idx[..., None], axis=1)
     offset = (cand_cls * MAX_WH).astype(jnp.float32)[..., None]
     kept, count = jax.vmap(_greedy_nms, in_axes=(0, 0, None, None, None))(
         cand_boxes + offset, top_s > -jnp.inf, iou_thres, max_det, min(block_size, k)
@@ -250,8 +252,9 @@ def split_detections(dets: Detections) -> list[tuple[np.ndarray, np.ndarray, np.
 
 
 def nms_numpy(
-    decoded,
+    predictions,
     *,
+    layout: str = "xywh-obj-cls",
     conf_thres: float = 0.001,
     iou_thres: float = 0.65,
     max_det: int = 300,
@@ -260,29 +263,28 @@ def nms_numpy(
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """NumPy reference of `nms`, written independently of the JAX code (the tests and the ONNX
     export's parity gate check against it): per image (boxes xyxy float32, scores float32,
-    classes int32).
+    classes int32). Takes `Predictions` or a tensor in `layout`, as `nms` does.
 
     Candidates and scores in float32 as `nms` forms them, sorted by score with ties in box-major
     candidate order (`max_candidates` keeps that many); greedy per class, which is class-aware NMS
     (boxes of different classes never suppress each other), with IoU in float64 (two empty boxes:
     NaN, no suppression); then the max_det best kept, ties again in candidate order.
     """
+    if not isinstance(predictions, Predictions):
+        predictions = from_tensor(np.asarray(predictions, np.float32), layout, xp=np)
     out = []
-    for x in np.asarray(decoded, np.float32):
-        nc = x.shape[1] - 5
-        obj = x[:, 4]
-        scores = x[:, 5:] * obj[:, None]
+    for xyxy, scores in zip(np.asarray(predictions.boxes, np.float32), np.asarray(predictions.scores, np.float32)):
+        nc = scores.shape[1]
         conf = np.float32(conf_thres)
         if multi_label and nc > 1:
-            box, cls = np.nonzero((obj[:, None] > conf) & (scores > conf))  # box-major
+            box, cls = np.nonzero(scores > conf)  # box-major
         else:
             best = np.argmax(scores, axis=1)
-            box = np.nonzero((obj > conf) & (scores[np.arange(len(x)), best] > conf))[0]
+            box = np.nonzero(scores[np.arange(len(scores)), best] > conf)[0]
             cls = best[box]
         score = scores[box, cls]
         order = np.argsort(-score, kind="stable")[:max_candidates]
         box, cls, score = box[order], cls[order], score[order]
-        xyxy = np.concatenate([x[:, :2] - x[:, 2:4] / np.float32(2), x[:, :2] + x[:, 2:4] / np.float32(2)], axis=1)
         kept = []  # positions in the sorted candidate list
         for c in np.unique(cls):
             idx = np.nonzero(cls == c)[0]

@@ -113,6 +113,8 @@ def _balance(v, num_levels: int, where: str) -> list[float]:
     if len(v) != num_levels:
         if v == [4.0, 1.0, 0.4] and num_levels == 4:  # the default, extended as the reference does for P6
             return [4.0, 1.0, 0.4, 0.1]
+        if v == [4.0, 1.0, 0.4] and num_levels < 3:  # the default, for a model with fewer levels
+            return [1.0] * num_levels
         raise ConfigError(f"{where}: balance: {len(v)} values for a model with {num_levels} levels")
     return v
 

@@ -54,8 +54,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxyolo.augment import to_unit
 from jaxyolo.errors import ConfigError
-from jaxyolo.hyp import GAIN_RULES, loss_gains
-from jaxyolo.loss import yolo_loss
+from jaxyolo.hyp import GAIN_RULES
 from jaxyolo.models import layers as L
 
 SCHEDULES = ("cosine", "linear")
@@ -274,6 +273,7 @@ class StepCore:
     def __init__(self, detector, config: TrainConfig, augment_fn: Callable | None = None):
         self.graphdef = _split(detector.model)[0]
         self.spec = detector.spec
+        self.family = detector.family
         self.config = config
         self.opt = yolo_sgd(param_groups(detector))
         if config.augment and augment_fn is None:
@@ -289,10 +289,9 @@ class StepCore:
         return batch_images(batch), batch["boxes"], batch["classes"], batch["mask"]
 
     def detection_loss(self, raw, boxes, classes, mask, hyp):
-        """The reference loss (`jaxyolo.loss.yolo_loss`) with the gains of `config.gain_rule`."""
-        spec = self.spec
-        loss_hyp = loss_gains(hyp, nc=spec.nc, img_size=self.config.img_size, rule=self.config.gain_rule)
-        return yolo_loss(raw, boxes, classes, mask, anchors=spec.anchors, strides=spec.strides, hyp=loss_hyp)
+        """The family's loss (YOLOv4: `jaxyolo.loss.yolo_loss` with the gains of `config.gain_rule`)."""
+        return self.family.loss(raw, boxes, classes, mask, hyp, spec=self.spec, img_size=self.config.img_size,
+                                gain_rule=self.config.gain_rule)
 
     def update(self, state: TrainState, total, grads, new_stats, hyp, aux_grads=None):
         """One iteration's bookkeeping from the loss `total` and the gradients of the params (a tree

@@ -284,7 +284,8 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
             rows = []
             for m in range(pop):
                 row = _row(epoch, step, time.time() - t_start, sums, count, m, results[m], pop,
-                           float(np.asarray(pending["lr"])[m]))
+                           float(np.asarray(pending["lr"])[m]), terms=det.family.term_names,
+                           levels=det.family.level_names(det.spec))
                 row.update({k: round(v, 3) for k, v in timing.items()})
                 rows.append(row)
                 if results[m] is not None and options.save_weights:
@@ -352,7 +353,7 @@ def _run_anchors(options: TrainOptions, recipe: dict, det, teacher, train_ds):
     them) and what was checked (None: nothing). With
     `autoanchor`, the teacher's when distilling (student and teacher must predict alike), else the
     table's refitted to the training boxes when they cover them badly (`jaxyolo.anchors`)."""
-    if not recipe["autoanchor"] or options.weights:
+    if not recipe["autoanchor"] or options.weights or getattr(det.spec, "anchors", None) is None:
         return None, None
     if teacher is not None:
         return [[v for wh in lvl for v in wh] for lvl in teacher.spec.anchors], {"from": "teacher"}
@@ -372,8 +373,32 @@ def _initial_detector(options: TrainOptions, nc: int, anchors=None):
         if det.num_classes != nc:
             raise ConfigError(f"weights {w}: {det.num_classes} classes, the data has {nc}")
         return det
-    return jaxyolo.create_model(options.model, num_classes=nc, kst=options.kst, head=options.head, act=options.act,
-                                kst_draw=options.kst_draw, dtype=options.dtype, anchors=anchors, seed=options.seed)
+    return jaxyolo.create_model(options.model, num_classes=nc, anchors=anchors, seed=options.seed,
+                                **_model_options(options))
+
+
+MODEL_OPTIONS = ("head", "kst", "kst_draw", "act", "dtype")  # TrainOptions fields that are model options
+
+
+def _model_options(options: TrainOptions) -> dict:
+    """The model options of `options` that its model's family takes. One it does not take is an
+    error when set away from its default (a YOLOv4 head setting asked of another family)."""
+    from jaxyolo import families
+    from jaxyolo.models.config import load_table
+
+    name, table = load_table(options.model)
+    family = families.of_table(table, f"model {name!r}")
+    known = {f.name for f in dataclasses.fields(family.options_type)}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
+    out = {}
+    for k in MODEL_OPTIONS:
+        v = getattr(options, k)
+        if k in known:
+            out[k] = v
+        elif v != defaults[k]:
+            raise ConfigError(f"{k}={v!r}: not an option of the {family.name} family of model {name!r} "
+                              f"(it takes {sorted(known)})")
+    return out
 
 
 def initial_population(options: TrainOptions, det, pop: int, init_one=None) -> T.TrainState:
@@ -386,7 +411,7 @@ def initial_population(options: TrainOptions, det, pop: int, init_one=None) -> T
     for s in options.init_seeds:
         if s not in made:
             made[s] = _initial_detector(dataclasses.replace(options, seed=s), det.num_classes,
-                                        anchors=[[v for wh in lvl for v in wh] for lvl in det.spec.anchors])
+                                        anchors=det.family.checkpoint_fields(det.spec).get("anchors"))
     members = [init_one(made[s], s) for s in options.init_seeds]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *members)
 
@@ -450,12 +475,11 @@ def _evaluate(graphdef, det, state, hyp_arr, val_ds, options, gain_rule):
                                iou_thres=options.iou_thres, max_boxes=options.max_boxes)
 
 
-LEVEL_NAMES = ("P3", "P4", "P5", "P6")
-TERMS = ("box", "obj", "cls")
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def _row(epoch, step, elapsed, sums, count, m, res, pop, lr) -> dict:
+def _row(epoch, step, elapsed, sums, count, m, res, pop, lr, *, terms, levels) -> dict:
+    """One results.csv row; `terms` and `levels` name the loss terms and output levels (the family's)."""
     n = max(int(count[m]), 1)
     row: dict = {}
     if pop > 1:
@@ -463,9 +487,9 @@ def _row(epoch, step, elapsed, sums, count, m, res, pop, lr) -> dict:
     row.update({"epoch": epoch, "iterations": step, "time_s": round(elapsed, 2), "lr": lr,
                 "train/loss": float(sums["loss"][m] / n)})
     glob, local = sums["global"][m] / n, sums["local"][m] / n
-    row.update({f"train/{t}": float(glob[i]) for i, t in enumerate(TERMS)})
+    row.update({f"train/{t}": float(glob[i]) for i, t in enumerate(terms)})
     for lvl in range(local.shape[0]):
-        row.update({f"train/{LEVEL_NAMES[lvl]}/{t}": float(local[lvl, i]) for i, t in enumerate(TERMS)})
+        row.update({f"train/{levels[lvl]}/{t}": float(local[lvl, i]) for i, t in enumerate(terms)})
     if "clipped" in sums:  # the share of this epoch's iterations that made a clipped optimiser step
         row["train/clipped"] = float(sums["clipped"][m] / n)
     if "grad_norm" in sums:  # the mean global norm of the summed gradients at this epoch's optimiser steps
@@ -477,9 +501,9 @@ def _row(epoch, step, elapsed, sums, count, m, res, pop, lr) -> dict:
     nan = float("nan")
     vl = res["loss"]["local"] if res else np.full_like(local, nan)
     row["val/loss"] = float(np.sum(vl))
-    row.update({f"val/{t}": float(np.sum(vl[:, i])) for i, t in enumerate(TERMS)})
+    row.update({f"val/{t}": float(np.sum(vl[:, i])) for i, t in enumerate(terms)})
     for lvl in range(vl.shape[0]):
-        row.update({f"val/{LEVEL_NAMES[lvl]}/{t}": float(vl[lvl, i]) for i, t in enumerate(TERMS)})
+        row.update({f"val/{levels[lvl]}/{t}": float(vl[lvl, i]) for i, t in enumerate(terms)})
     coco = res["coco"] if res else {}
     row.update({f"metrics/{k}": float(coco.get(k, nan)) for k in METRICS})
     voc = res["voc"] if res else {}

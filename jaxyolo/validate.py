@@ -19,13 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxyolo import families
 from jaxyolo.augment import to_unit
 from jaxyolo.data.dataset import DetectionDataset
 from jaxyolo.data.pipeline import eval_batches, pad_boxes, unletterbox_boxes
 from jaxyolo.evaluate import detections_to_coco, evaluate_predictions, nms, split_detections
-from jaxyolo.hyp import loss_gains
-from jaxyolo.loss import yolo_loss
-from jaxyolo.models.heads import decode
+from jaxyolo.predictions import Predictions
 
 DEFAULT_CONF = 0.001
 DEFAULT_IOU_TRAIN = 0.6
@@ -57,11 +56,13 @@ def letterboxed_targets(dataset: DetectionDataset, batch: dict, max_boxes: int):
 
 
 @functools.lru_cache(maxsize=16)
-def _population_eval(graphdef, anchors, strides, nc, max_det, gain_rule):
+def _population_eval(graphdef, spec, max_det, gain_rule):
     """The jitted evaluation of one batch for every member, for this architecture and settings.
 
     Built once per architecture and kept: as static arguments of one jitted function, the graph
     definition would be hashed on every batch (5 ms each for a small model on the CPU)."""
+
+    family = families.of(spec)
 
     @jax.jit
     def run(params, stats, images, boxes, classes, mask, hyp, conf, iou):
@@ -70,15 +71,16 @@ def _population_eval(graphdef, anchors, strides, nc, max_det, gain_rule):
         def one(p, s, h):
             model = nnx.merge(graphdef, p, s, copy=True)
             raw = model(images, train=False)
-            loss_hyp = loss_gains(h, nc=nc, img_size=images.shape[1], rule=gain_rule)
-            _, terms = yolo_loss(raw, boxes, classes, mask, anchors=anchors, strides=strides, hyp=loss_hyp)
-            return terms, decode(raw, anchors, strides)
+            _, terms = family.loss(raw, boxes, classes, mask, h, spec=spec, img_size=images.shape[1],
+                                   gain_rule=gain_rule)
+            return terms, family.decode(raw, spec)
 
-        terms, decoded = jax.vmap(one)(params, stats, hyp)
+        terms, pred = jax.vmap(one)(params, stats, hyp)
         # NMS over every member's images at once, outside the vmap: it picks its candidate sort
         # by the batch's largest candidate count, a branch that vmap would turn into both
-        pop, b = decoded.shape[:2]
-        dets = nms(decoded.reshape(pop * b, *decoded.shape[2:]), conf_thres=conf, iou_thres=iou, max_det=max_det)
+        pop, b = pred.scores.shape[:2]
+        flat = Predictions(*(x.reshape(pop * b, *x.shape[2:]) for x in pred))
+        dets = nms(flat, conf_thres=conf, iou_thres=iou, max_det=max_det)
         return terms, jax.tree.map(lambda x: x.reshape(pop, b, *x.shape[1:]), dets)
 
     return run
@@ -92,14 +94,14 @@ def validate_population(graphdef, spec, params, stats, hyp, dataset: DetectionDa
     """Metrics of every member: params/stats/hyp carry a leading population axis P. The loss
     uses the gains of `gain_rule` (`jaxyolo.hyp.loss_gains`), as the training run did.
 
-    Returns per member {"loss": {"local": (L, 3), "global": (3,)} averaged over batches,
+    Returns per member {"loss": {"local": (L, T), "global": (T,)} (T: the family's terms) averaged over batches,
     "coco": ..., "voc": ..., "per_class": [...], "fitness": float} and, with `keep_detections`,
     "detections": the COCO results list.
     """
     pop = jax.tree.leaves(params)[0].shape[0]
     preds = [[None] * len(dataset) for _ in range(pop)]
     local_sum, n_batches = 0.0, 0
-    run = _population_eval(graphdef, spec.anchors, spec.strides, spec.nc, max_det, gain_rule)
+    run = _population_eval(graphdef, spec, max_det, gain_rule)
     conf, iou = jnp.float32(conf_thres), jnp.float32(iou_thres)
     batches = eval_batches(dataset, img_size=img_size, batch_size=batch_size, num_workers=workers)
 

@@ -35,10 +35,14 @@
   precision, so the ONNX graph is if anything closer to the exact float64 answer of
   `jaxyolo.evaluate.nms_numpy`); there is no 30000-candidate pre-limit. conf_thres must be >= 0 (a
   kept pair's score is then > 0, which marks it valid after the TopK).
-- **Metadata** (``metadata_props``, strings; lists and dicts as JSON): names, nc, strides, anchors
-  (pixels, per level [w, h] pairs), imgsz [H, W], input, normalisation, output_layout, nms (and
-  conf_thres / iou_thres / max_det when true), precision, dynamic_batch, batch, model, fold,
-  jaxyolo_version, converter. `read_metadata(path)` gives them back decoded.
+- **Metadata** (``metadata_props``, strings; lists and dicts as JSON): model, family, layout (of the
+  published tensor, `jaxyolo.predictions.LAYOUTS`), names, nc, strides, the family's own entries
+  (YOLOv4: anchors, pixels, per level [w, h] pairs), imgsz [H, W], input, normalisation,
+  output_layout, nms (and conf_thres / iou_thres / max_det when true), precision, dynamic_batch,
+  batch, fold, jaxyolo_version, converter. `read_metadata(path)` gives them back decoded.
+- **Other families** publish their own tensor through the same path (`Family.export_tensor`):
+  ``"xyxy-scores"`` is (B, N, 4 + nc), corners then class scores, and the NMS graph reads its
+  boxes and scores directly.
 - **half=True**: weights and all network compute in float16 (the initializers are stored
   float16, the file is half the size); the interface stays float32: ``images`` is cast to float16
   inside the graph, the head's logits are cast back to float32 before the decode (the decode's
@@ -164,27 +168,28 @@ def export_onnx(
         _require("onnxruntime")
     path = Path(path)
     tol = float(tolerance) if tolerance is not None else (TOLERANCE_FP16 if half else TOLERANCE_FP32)
-    spec = detector.spec
-    n_boxes = spec.num_anchors * sum((h // s) * (w // s) for s in spec.strides)
+    spec, family = detector.spec, detector.family
     batch = _DYNAMIC_DIM if dynamic_batch else int(batch_size)
 
     seconds = {}
     t = time.perf_counter()
     module = _inference_module(detector, half=half)
+    n_boxes = jax.eval_shape(lambda x: family.export_tensor(module(x), spec),
+                                     jax.ShapeDtypeStruct((1, h, w, 3), jnp.float16 if half else jnp.float32)).shape[1]
     try:
-        model = _convert(module, spec, (h, w), batch=batch, half=half, opset=opset,
+        model = _convert(module, family, spec, (h, w), batch=batch, half=half, opset=opset,
                          output_name="decoded" if nms else OUTPUT_NAME)
     except ExportError:
         raise
     except Exception as e:  # jax2onnx raises many kinds on an unsupported primitive
         raise ExportError(f"export_onnx: jax2onnx could not convert {spec.name} ({type(e).__name__}: {e})") from e
     if nms:
-        _append_nms(model, "decoded", nc=spec.nc, n_boxes=n_boxes, conf_thres=conf_thres, iou_thres=iou_thres,
-                    max_det=max_det)
+        _append_nms(model, "decoded", layout=family.export_layout, nc=spec.nc, n_boxes=n_boxes,
+                    conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
     seconds["convert"] = time.perf_counter() - t
 
     del model.graph.value_info[:]  # jax2onnx's intermediate shapes; onnxruntime infers its own
-    meta = _metadata(detector, (h, w), batch=batch, nms=nms, half=half, conf_thres=conf_thres,
+    meta = _metadata(detector, (h, w), n_boxes, batch=batch, nms=nms, half=half, conf_thres=conf_thres,
                      iou_thres=iou_thres, max_det=max_det)
     onnx.helper.set_model_props(model, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
     model.producer_name, model.producer_version = "jaxyolo", meta["jaxyolo_version"]
@@ -237,11 +242,10 @@ def read_metadata(path_or_model) -> dict:
 # ---------------------------------------------------------------------------------- conversion
 
 
-def _convert(module, spec, hw, *, batch, half: bool, opset: int, output_name: str):
-    """The folded YOLO module -> ONNX ModelProto: NCHW float32 `images` -> decoded (B, N, 5 + nc)."""
+def _convert(module, family, spec, hw, *, batch, half: bool, opset: int, output_name: str):
+    """The inference module -> ONNX ModelProto: NCHW float32 `images` -> the family's published
+    tensor (B, N, C) (YOLOv4: decoded (B, N, 5 + nc))."""
     from jax2onnx import to_onnx
-
-    from jaxyolo.models.heads import decode
 
     h, w = hw
 
@@ -249,7 +253,7 @@ def _convert(module, spec, hw, *, batch, half: bool, opset: int, output_name: st
         x = jnp.transpose(images, (0, 2, 3, 1))  # NCHW -> the model's NHWC
         if half:
             x = x.astype(jnp.float16)
-        return decode(module(x), spec.anchors, spec.strides)  # decode computes in float32
+        return family.export_tensor(module(x), spec)  # the decodes compute in float32
 
     with quiet_logger("onnx_ir", logging.ERROR):
         return to_onnx(forward, [(batch, 3, h, w)], opset=opset, model_name=spec.name,
@@ -257,10 +261,11 @@ def _convert(module, spec, hw, *, batch, half: bool, opset: int, output_name: st
 
 
 def _inference_module(detector, *, half: bool):
-    """The folded YOLO module computing in float32 (float16 weights and compute if `half`)."""
+    """The family's inference module (YOLOv4: folded) computing in float32 (float16 weights and
+    compute if `half`)."""
     from flax import nnx
 
-    folded = _float32_compute(detector).fold().model
+    folded = detector.family.inference_module(_float32_compute(detector).model)
     if not half:
         return folded
     graphdef, state = nnx.split(folded)
@@ -270,26 +275,25 @@ def _inference_module(detector, *, half: bool):
 
 def _float32_compute(detector):
     """`detector` itself, or (when built with a reduced compute dtype) its weights computing in float32."""
-    if detector.options.dtype is None:
+    if getattr(detector.options, "dtype", None) is None:
         return detector
     from flax import nnx
 
     from jaxyolo.api import Detector
-    from jaxyolo.export.state_dict import load_state_dict
-    from jaxyolo.models.yolo import YOLO
 
     options = dataclasses.replace(detector.options, dtype=None)
-    model = nnx.eval_shape(lambda: YOLO(detector.spec, options, rngs=nnx.Rngs(0)))
-    load_state_dict(model, detector.state_dict(), source="export_onnx")
+    model = nnx.eval_shape(lambda: detector.family.build(detector.spec, options, rngs=nnx.Rngs(0)))
+    detector.family.load_state_dict(model, detector.state_dict(), source="export_onnx")
     return Detector(model, detector.table, detector.names)
 
 
 # ----------------------------------------------------------------------------------- NMS graph
 
 
-def _append_nms(model, decoded: str, *, nc: int, n_boxes: int, conf_thres: float, iou_thres: float,
+def _append_nms(model, decoded: str, *, layout: str, nc: int, n_boxes: int, conf_thres: float, iou_thres: float,
                 max_det: int) -> None:
-    """Append the end-to-end NMS (module docstring) after tensor `decoded`; replace the outputs."""
+    """Append the end-to-end NMS (module docstring) after tensor `decoded`, a tensor in `layout`
+    (`jaxyolo.predictions.LAYOUTS`); replace the outputs."""
     from onnx import TensorProto, helper, numpy_helper
 
     g = model.graph
@@ -303,6 +307,7 @@ def _append_nms(model, decoded: str, *, nc: int, n_boxes: int, conf_thres: float
         "max_out": np.array([max_det], np.int64), "k": np.array([k], np.int64), "zero": np.array(0, np.float32),
         "two": np.array(2, np.float32), "flat": np.array([-1, n_boxes * nc], np.int64),
         "nc": np.array(nc, np.int64), "last_box": np.array(n_boxes - 1, np.int64), "zero_i": np.array(0, np.int64),
+        "inc4": np.array([4 + nc], np.int64),
     }
     if k < max_det:
         inits["pads"] = np.array([0, 0, 0, max_det - k], np.int64)
@@ -313,20 +318,27 @@ def _append_nms(model, decoded: str, *, nc: int, n_boxes: int, conf_thres: float
                                        [p + o if not o.startswith(p) and o not in NMS_OUTPUTS else o for o in outs],
                                        name=p + outs[0], **attrs))
 
-    # scores (B, nc, N): objectness x class probability, zero where objectness <= conf_thres
-    node("Slice", [decoded, "i0", "i2", "i2"], ["xy"])
-    node("Slice", [decoded, "i2", "i4", "i2"], ["wh"])
-    node("Slice", [decoded, "i4", "i5", "i2"], ["obj"])
-    node("Slice", [decoded, "i5", "ino", "i2"], ["cls"])
-    node("Mul", ["cls", "obj"], ["score"])
-    node("Greater", ["obj", "conf"], ["obj_ok"])
-    node("Where", ["obj_ok", "score", "zero"], ["score_ok"])
-    node("Transpose", ["score_ok"], ["scores_cn"], perm=[0, 2, 1])
-    # boxes (B, N, 4) xyxy: centre -/+ size / 2
-    node("Div", ["wh", "two"], ["half_wh"])
-    node("Sub", ["xy", "half_wh"], ["x1y1"])
-    node("Add", ["xy", "half_wh"], ["x2y2"])
-    node("Concat", ["x1y1", "x2y2"], ["xyxy"], axis=2)
+    if layout == "xywh-obj-cls":
+        # scores (B, nc, N): objectness x class probability, zero where objectness <= conf_thres
+        node("Slice", [decoded, "i0", "i2", "i2"], ["xy"])
+        node("Slice", [decoded, "i2", "i4", "i2"], ["wh"])
+        node("Slice", [decoded, "i4", "i5", "i2"], ["obj"])
+        node("Slice", [decoded, "i5", "ino", "i2"], ["cls"])
+        node("Mul", ["cls", "obj"], ["score"])
+        node("Greater", ["obj", "conf"], ["obj_ok"])
+        node("Where", ["obj_ok", "score", "zero"], ["score_ok"])
+        node("Transpose", ["score_ok"], ["scores_cn"], perm=[0, 2, 1])
+        # boxes (B, N, 4) xyxy: centre -/+ size / 2
+        node("Div", ["wh", "two"], ["half_wh"])
+        node("Sub", ["xy", "half_wh"], ["x1y1"])
+        node("Add", ["xy", "half_wh"], ["x2y2"])
+        node("Concat", ["x1y1", "x2y2"], ["xyxy"], axis=2)
+    elif layout == "xyxy-scores":
+        node("Slice", [decoded, "i0", "i4", "i2"], ["xyxy"])
+        node("Slice", [decoded, "i4", "inc4", "i2"], ["score_ok"])
+        node("Transpose", ["score_ok"], ["scores_cn"], perm=[0, 2, 1])
+    else:
+        raise ExportError(f"export_onnx: no NMS graph for the output layout {layout!r}")
     # per-class greedy NMS; IoU is symmetric in x and y, so xyxy serves for ONNX's yxyx corners
     node("NonMaxSuppression", ["xyxy", "scores_cn", "max_out", "iou", "conf"], ["selected"], center_point_box=0)
     node("GatherND", ["scores_cn", "selected"], ["selected_scores"])
@@ -402,7 +414,8 @@ def _parity(detector, model, file: Path, hw, *, batch, nms, conf_thres, iou_thre
     scale = np.array([w, h, w, h], np.float32)
     diffs = {"decoded" if nms else OUTPUT_NAME: _diff(decoded, want, scale)}
     if nms:
-        ref = nms_numpy(decoded, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
+        ref = nms_numpy(decoded, layout=detector.family.export_layout, conf_thres=conf_thres, iou_thres=iou_thres,
+                        max_det=max_det)
         counts = got["num_dets"][:, 0]
         mismatch = [i for i, r in enumerate(ref) if counts[i] != len(r[1]) or
                     not np.array_equal(got["classes"][i, :counts[i]], r[2])]
@@ -476,7 +489,7 @@ def _require(module: str):
         raise ExportError(f"export_onnx needs the '{module}' package: pip install 'jaxyolo[export]'") from None
 
 
-def _metadata(detector, hw, *, batch, nms, half, conf_thres, iou_thres, max_det) -> dict:
+def _metadata(detector, hw, n_boxes: int, *, batch, nms, half, conf_thres, iou_thres, max_det) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     import jaxyolo
@@ -486,22 +499,29 @@ def _metadata(detector, hw, *, batch, nms, half, conf_thres, iou_thres, max_det)
     except PackageNotFoundError:
         converter = "jax2onnx"
 
-    spec = detector.spec
+    spec, family = detector.spec, detector.family
     nc = spec.nc
+    yolo = family.export_layout == "xywh-obj-cls"
     if nms:
+        score = "objectness x class probability" if yolo else "class score"
         layout = (f"num_dets (B, 1) int64; boxes (B, {max_det}, 4) float32 xyxy pixels of the network input; "
-                  f"scores (B, {max_det}) float32 objectness x class probability; classes (B, {max_det}) int64; "
+                  f"scores (B, {max_det}) float32 {score}; classes (B, {max_det}) int64; "
                   "best first, zeros past num_dets; multi-label class-aware NMS")
+    elif yolo:
+        layout = (f"output (B, {n_boxes}, {5 + nc}) float32: centre x, centre y, width, height (pixels of the "
+                  f"network input), objectness, {nc} class probabilities, all after sigmoid; rows level -> anchor "
+                  "-> y -> x")
     else:
-        n = spec.num_anchors * sum((hw[0] // s) * (hw[1] // s) for s in spec.strides)
-        layout = (f"output (B, {n}, {5 + nc}) float32: centre x, centre y, width, height (pixels of the network "
-                  f"input), objectness, {nc} class probabilities, all after sigmoid; rows level -> anchor -> y -> x")
+        layout = (f"output (B, {n_boxes}, {4 + nc}) float32: x1, y1, x2, y2 (pixels of the network input), "
+                  f"{nc} class scores")
     meta = {
         "model": spec.name,
+        "family": family.name,
+        "layout": family.export_layout,
         "names": list(detector.names),
         "nc": nc,
         "strides": [int(s) for s in spec.strides],
-        "anchors": [[[float(a) for a in wh] for wh in level] for level in spec.anchors],
+        **family.export_metadata(spec, detector.options),
         "imgsz": [int(hw[0]), int(hw[1])],
         "input": INPUT_NAME,
         "normalisation": NORMALISATION,
@@ -510,8 +530,7 @@ def _metadata(detector, hw, *, batch, nms, half, conf_thres, iou_thres, max_det)
         "precision": "fp16" if half else "fp32",
         "dynamic_batch": batch == _DYNAMIC_DIM,
         "batch": None if batch == _DYNAMIC_DIM else int(batch),
-        "fold": (f"implicit head: the mean of {detector.kst} KST candidates folded into the head convs; "
-                 if detector.kst else "") + "BatchNorms folded into the convs",
+        "fold": family.fold_description(detector.model),
         "jaxyolo_version": jaxyolo.__version__,
         "converter": converter,
     }

@@ -12,7 +12,7 @@ import dataclasses
 import importlib.resources
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -44,6 +44,7 @@ class LayerSpec:
 class ModelSpec:
     """A resolved model table. Hashable, so it can be a static attribute of a jitted module."""
 
+    family: ClassVar[str] = "yolov4"  # `jaxyolo.families`
     name: str
     nc: int
     depth_multiple: float

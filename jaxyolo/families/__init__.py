@@ -1,0 +1,51 @@
+"""Detector families by name (`base.Family`): YOLOv4 (`families.yolov4`) is built in; another
+family registers itself with `register` when its module is imported.
+
+A model table names its family in a top-level ``family:`` field; a table without one is a YOLOv4
+table (every table written before families existed).
+"""
+
+from __future__ import annotations
+
+from jaxyolo.errors import ConfigError
+from jaxyolo.families.base import Family
+
+DEFAULT = "yolov4"
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Make `family` known under `family.name` (again: replaces it). Returns it."""
+    if not getattr(family, "name", None):
+        raise ConfigError(f"register: {family!r} has no `name`")
+    _REGISTRY[family.name] = family
+    return family
+
+
+def get(name: str) -> Family:
+    if name == DEFAULT and DEFAULT not in _REGISTRY:
+        import jaxyolo.families.yolov4  # noqa: F401  (registers itself)
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown detector family {name!r}: known {sorted(available())}")
+    return _REGISTRY[name]
+
+
+def available() -> list[str]:
+    get(DEFAULT)
+    return sorted(_REGISTRY)
+
+
+def of_table(table: dict, where: str = "model table") -> Family:
+    """The family a raw model table belongs to."""
+    name = table.get("family", DEFAULT) if isinstance(table, dict) else DEFAULT
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: family must be a name, got {name!r}")
+    return get(name)
+
+
+def of(spec) -> Family:
+    """The family of a resolved spec (its class attribute `family`)."""
+    return get(getattr(spec, "family", DEFAULT))
+
+
+__all__ = ["Family", "register", "get", "available", "of_table", "of", "DEFAULT"]
