@@ -243,7 +243,8 @@ def distill_loss(raw, teacher_raw, hyp, *, features=None, teacher_features=None,
 
 
 def make_distill_step(student, teacher, config: T.TrainConfig, *, augment_fn: Callable | None = None,
-                      features: bool = False, feature_mask: bool = True, cached_teacher: bool = False):
+                      features: bool = False, feature_mask: bool = True, cached_teacher: bool = False,
+                      hooks: T.StepHooks | None = None):
     """The pure distillation step: (student_state, teacher_params, batch, hyp, key) -> (state,
     metrics), shaped like `jaxyolo.train.make_train_step`'s step (and sharing its optimiser,
     schedule, accumulation, EMA and non-finite handling: `jaxyolo.train.StepCore`).
@@ -255,12 +256,13 @@ def make_distill_step(student, teacher, config: T.TrainConfig, *, augment_fn: Ca
 
     `cached_teacher=True` (needs `config.augment=False`): the teacher's outputs come from the batch
     (`teacher_outputs`) instead of a teacher forward pass; `teacher_params` is then unused (None).
+    `hooks`: a training method's transforms of the student's step (`jaxyolo.train.StepHooks`).
     """
     check_compatible(student, teacher)
     if cached_teacher and config.augment:
         raise ConfigError("cached_teacher: teacher outputs can be cached only without augmentation "
                           "(config.augment=False): augmented images differ every step")
-    core = T.StepCore(student, config, augment_fn)
+    core = T.StepCore(student, config, augment_fn, hooks)
     t_forward = teacher_forward_fn(teacher, features)
 
     def loss_fn(params, stats, aux_params, images, boxes, classes, mask, hyp, key, t_raw, t_feats):

@@ -46,7 +46,7 @@ def predict(detector, image: np.ndarray, *, img_size: int = 640, conf_thres: flo
     left, top = letterbox_offsets(dw, dh)
     gain_x, gain_y = resized.shape[1] / w0 * gx, resized.shape[0] / h0 * gy
     x = to_unit(jnp.asarray(boxed[None], jnp.uint8))
-    dets = nms(detector(x), conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
+    dets = nms(detector.predictions(x), conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
     boxes, scores, classes = split_detections(dets)[0]
     boxes = unletterbox_boxes(boxes, np.asarray([gain_x, gain_y, left, top]), (h0, w0))
     return boxes, scores, classes

@@ -113,6 +113,30 @@ class TrainState:
     aux: Any = None
     # the run's length as arrays (`with_run`), or None: the step reads the TrainConfig's constants
     run: Any = None
+    # what training methods keep beside the optimiser (masks, mask scores, counters): any pytree of
+    # arrays, or None; `StepHooks` read and update it, checkpoints save and restore it
+    extras: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepHooks:
+    """What a training method (pruning, sparsity, frozen layers) installs in the step. Each hook is
+    a pure function traced into the vmapped, jitted step, so every member of a population applies
+    it to its own state; a hook left None costs nothing.
+
+    * `grads(grads, params, extras, hyp) -> grads`: this iteration's parameter gradients, before
+      they are summed (e.g. no gradient for pruned weights);
+    * `params(new, old, extras, hyp) -> params`: the parameters after an optimiser step, given
+      those before it (e.g. multiply by masks, project to 2:4 sparsity, keep a frozen layer's `old`);
+    * `extras(extras, state, hyp) -> extras`: the extras after each iteration, from the new state;
+    * `init(state) -> state`: one member's starting state (fresh, or rewound to a snapshot; not a
+      resumed one), e.g. set the extras and apply masks to the weights.
+    """
+
+    grads: Callable | None = None
+    params: Callable | None = None
+    extras: Callable | None = None
+    init: Callable | None = None
 
 
 def init_state(detector, aux_params=None) -> TrainState:
@@ -270,8 +294,10 @@ class StepCore:
     and distill_step run one implementation of the optimiser.
     """
 
-    def __init__(self, detector, config: TrainConfig, augment_fn: Callable | None = None):
+    def __init__(self, detector, config: TrainConfig, augment_fn: Callable | None = None,
+                 hooks: StepHooks | None = None):
         self.graphdef = _split(detector.model)[0]
+        self.hooks = hooks or StepHooks()
         self.spec = detector.spec
         self.family = detector.family
         self.config = config
@@ -301,9 +327,11 @@ class StepCore:
         Returns (new state, metrics: lr, lr_bias, momentum, finite, clip_scale, grad_norm (of the summed
         gradients, before clipping), optimizer_step, nonfinite_run).
         """
-        config = self.config
+        config, hooks = self.config, self.hooks
         leaves_finite = lambda tree: [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(tree)]
         finite = jnp.stack([jnp.isfinite(total)] + leaves_finite(grads) + leaves_finite(aux_grads)).all()
+        if hooks.grads is not None:
+            grads = hooks.grads(grads, state.params, state.extras, hyp)
 
         ni = state.step
         lr_bias, lr_other, momentum, accumulate = schedule(ni, hyp, config, state.run)
@@ -323,15 +351,17 @@ class StepCore:
         images = (ni - state.last_opt_step).astype(jnp.float32) * config.batch_size
         scale = clip_scale(grad_norm, hyp["clip_grad"] * images / CLIP_IMAGES)
 
-        def sgd(opt, params, acc, buffers):
+        def sgd(opt, params, acc, buffers, hook=None):
             """(params, momentum, summed grads) after this iteration: stepped if `do_opt`, else kept."""
             clipped = jax.tree.map(lambda a: a * scale, acc)
             updates, new_buffers = opt.update(clipped, buffers, params, **rates)
             stepped = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+            if hook is not None:
+                stepped = hook(stepped, params, state.extras, hyp)
             return (where(do_opt, stepped, params), where(do_opt, new_buffers, buffers),
                     jax.tree.map(lambda a: jnp.where(do_opt, 0.0, a), acc))
 
-        params, buffers, acc = sgd(self.opt, state.params, acc, state.momentum)
+        params, buffers, acc = sgd(self.opt, state.params, acc, state.momentum, hooks.params)
         stats = where(finite, new_stats, state.stats)
         ema_updates = state.ema_updates + do_opt.astype(jnp.int32)
         d = ema_decay(ema_updates.astype(jnp.float32), hyp["ema_tau"])
@@ -349,8 +379,10 @@ class StepCore:
             ema_updates=ema_updates,
             nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
-            aux=aux, run=state.run,
+            aux=aux, run=state.run, extras=state.extras,
         )
+        if hooks.extras is not None:
+            new = new.replace(extras=hooks.extras(state.extras, new, hyp))
         metrics = {"lr": lr_other, "lr_bias": lr_bias, "momentum": momentum, "finite": finite, "clip_scale": scale,
                    "grad_norm": grad_norm, "optimizer_step": do_opt, "nonfinite_run": new.nonfinite_run}
         return new, metrics
@@ -361,15 +393,16 @@ def batch_images(batch):
     return to_unit(batch["image"])
 
 
-def make_train_step(detector, config: TrainConfig, *, augment_fn: Callable | None = None):
+def make_train_step(detector, config: TrainConfig, *, augment_fn: Callable | None = None,
+                    hooks: StepHooks | None = None):
     """The pure step for `detector`'s architecture: (state, batch, hyp, key) -> (state, metrics).
 
     `batch` (numpy or device arrays): with `config.augment`, the host pipeline's mosaic and single
     versions (see `jaxyolo.data.pipeline`) which `augment_fn` (default `jaxyolo.augment.augment_host_batch`)
     turns into this member's images and targets; without, `image` (B, S, S, 3) uint8 or float in
-    [0, 1] with `boxes`, `classes`, `mask`.
+    [0, 1] with `boxes`, `classes`, `mask`. `hooks`: a training method's transforms (`StepHooks`).
     """
-    core = StepCore(detector, config, augment_fn)
+    core = StepCore(detector, config, augment_fn, hooks)
 
     def loss_fn(params, stats, images, boxes, classes, mask, hyp, key):
         model = nnx.merge(core.graphdef, params, stats, copy=True)

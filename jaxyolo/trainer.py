@@ -53,7 +53,7 @@ from jaxyolo.files import atomic_write_text, crc32, quiet_logger, reason
 from jaxyolo.validate import DEFAULT_IOU_TRAIN, validate_population
 
 log = logging.getLogger("jaxyolo.train")
-STATE_FORMAT = "jaxyolo-train-state/3"  # 3: leaves packed per dtype (`_StateStore`)
+STATE_FORMAT = "jaxyolo-train-state/4"  # 4: TrainState.extras; 3: leaves packed per dtype (`_StateStore`)
 
 
 class TrainingError(JaxyoloError):
@@ -103,6 +103,12 @@ class TrainOptions:
     init_seeds: Sequence[int] | None = None
     plots: bool = True  # results.png, PR_curve.png, val_predictions.jpg (off for search trials and pipeline units)
     save_weights: bool = True  # weights/{last,best} per member (search trials keep only their metrics)
+    # iterations whose training state is kept as a named snapshot, snapshots/iter<k> (with the raw
+    # weights as a detector, weights/iter<k>): rewind points
+    snapshots: Sequence[int] = ()
+    # start from a snapshot folder (snapshots/iter<k> of an earlier run with the same data, batch and
+    # population): its whole training state, continuing at iteration k (lottery-ticket rewinding)
+    rewind: str | None = None
 
     def check(self):
         for name in ("img_size", "batch_size", "epochs", "max_boxes", "eval_every", "eval_batch_size"):
@@ -118,6 +124,11 @@ class TrainOptions:
                 raise ConfigError(f"init_seeds: expected a non-empty list of integers >= 0, got {self.init_seeds!r}")
             if self.weights:
                 raise ConfigError("init_seeds: the members would all start from `weights`; give one or the other")
+        if not all(isinstance(k, int) and k >= 0 for k in self.snapshots):
+            raise ConfigError(f"snapshots: expected iterations (integers >= 0), got {self.snapshots!r}")
+        if self.rewind and (self.weights or self.init_seeds is not None):
+            raise ConfigError("rewind: the run starts from the snapshot's state; `weights` and `init_seeds` "
+                              "cannot be given with it")
 
 
 @dataclasses.dataclass
@@ -129,9 +140,10 @@ class RunResult:
 
 
 def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume: bool = False,
-        progress: Callable[[dict], None] | None = None) -> RunResult:
+        progress: Callable[[dict], None] | None = None, hooks: T.StepHooks | None = None) -> RunResult:
     """Train (see the module docstring). `hyps`: a population of P hyp sets (default: one, from
-    `options.hyp`). `progress` receives dicts with an "event" key: "start", "step", "epoch", "end"."""
+    `options.hyp`). `progress` receives dicts with an "event" key: "start", "step", "epoch", "end".
+    `hooks`: a training method's step transforms and extras (`jaxyolo.train.StepHooks`)."""
     options.check()
     out = Path(options.out)
     emit = progress or (lambda info: None)
@@ -177,11 +189,12 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
                                 axis_aligned=all(h[k] == 0 for h in hyp_list for k in AXIS_ALIGNED_KEYS))
     single_rows, mosaic_rows = _box_rows(train_ds, options.max_boxes)
     if teacher is None:
-        member_step = T.make_train_step(det, cfg, augment_fn=augment)
+        member_step = T.make_train_step(det, cfg, augment_fn=augment, hooks=hooks)
         shared: tuple = ()
         init_one = lambda d, seed: T.with_run(T.init_state(d), cfg)
     else:
-        member_step = D.make_distill_step(det, teacher, cfg, augment_fn=augment, features=options.kd_features)
+        member_step = D.make_distill_step(det, teacher, cfg, augment_fn=augment, features=options.kd_features,
+                                          hooks=hooks)
         shared = (jax.device_put(D.teacher_params(teacher), NamedSharding(mesh, P())),)
         init_one = lambda d, seed: T.with_run(D.init_state(d, teacher, features=options.kd_features, seed=seed), cfg)
     use_mosaic = any(h["mosaic"] > 0 for h in hyp_list)
@@ -197,6 +210,10 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     meta = {"format": STATE_FORMAT, "options": _jsonable(dataclasses.asdict(options)), "hyps": hyp_list,
             "batches_per_epoch": nb, "population": pop, "paths": _resolved_paths(options)}
     state = initial_population(options, det, pop, init_one)
+    if options.rewind and not (resume and store.exists()):
+        state = _rewound(options, state, meta, writer)
+    if hooks is not None and hooks.init is not None:
+        state = jax.vmap(hooks.init)(state)  # a resumed run's values replace these below
     history: list[dict] = []
     resumed_sums, elapsed0 = None, 0.0
     best = [-1.0] * pop
@@ -238,7 +255,17 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
 
     cache = ResizedCache(train_ds, options.img_size, options.cache_mb << 20) if options.cache_mb else None
     heap = _SettledHeap()
+    snapshots = set(options.snapshots)
+
+    def snapshot(state):
+        _StateStore(out / "snapshots" / f"iter{step}", writer).save(state, {**meta, "step": step})
+        for m in range(pop):
+            folder = out / "weights" / (f"member{m}" if pop > 1 else "")
+            writer.submit(_save_detector, T.ema_detector(det, T.member(state, m), ema=False), folder / f"iter{step}")
+
     try:
+        if step in snapshots and not (out / "snapshots" / f"iter{step}").exists():
+            snapshot(state)  # iteration 0: the initial weights
         while step < cfg.total_iters:
             t_epoch = time.time()
             epoch, start_batch = divmod(step, nb)
@@ -261,6 +288,8 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
                     sums, count = _accumulate(sums, count, pending, options, step - 1, emit)
                 pending = metrics
                 step += 1
+                if step in snapshots:
+                    snapshot(jax.tree.unflatten(treedef, leaves))
                 if options.save_every and step % options.save_every == 0 and step % nb:
                     events: list[dict] = []  # announced once the state that follows them is on disk
                     sums, count = _accumulate(sums, count, pending, options, step - 1, events.append)
@@ -606,6 +635,36 @@ class _Background:
             self._pool.shutdown(wait=True)
 
 
+def _rewound(options: TrainOptions, template, meta: dict, writer) -> T.TrainState:
+    """The population's state from the snapshot `options.rewind`, with this run's length; the
+    snapshot's extras are dropped (the run's `StepHooks.init` sets its own)."""
+    folder = Path(options.rewind)
+    store = _StateStore(folder, writer)
+    if not folder.is_dir() or not store.exists():
+        raise ConfigError(f"rewind {folder}: no snapshot there (a snapshots/iter<k> folder of an earlier run)")
+
+    def check(saved: dict) -> None:
+        if saved.get("format") != STATE_FORMAT:
+            raise ConfigError(f"rewind {folder}: the snapshot has format {saved.get('format')!r}, this jaxyolo "
+                              f"reads {STATE_FORMAT!r}")
+        for key in ("batches_per_epoch", "population"):
+            if saved.get(key) != meta[key]:
+                raise ConfigError(f"rewind {folder}: the snapshot's run has {key}={saved.get(key)}, this one "
+                                  f"{meta[key]} (same data, batch size and population needed)")
+
+    saved_layout = store.layout()
+    with_extras = any(path and path[0] == "extras" for path, _, _ in saved_layout)
+    if with_extras:
+        raise ConfigError(f"rewind {folder}: the snapshot holds a method's extras; rewind to a snapshot of a "
+                          "run without them")
+    try:
+        state, saved = store.restore(template, check=check)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("resume:", f"rewind {folder}:")) from None
+    log.info("rewound to iteration %d of %s", int(saved["step"]), folder)
+    return state.replace(run=template.run)
+
+
 def _check_resumable(saved: dict, meta: dict) -> None:
     if saved.get("format") != STATE_FORMAT:
         raise ConfigError(f"resume: the saved training state has format {saved.get('format')!r}, this jaxyolo "
@@ -634,7 +693,7 @@ def _check_resumable(saved: dict, meta: dict) -> None:
         raise ConfigError(f"resume: options differ from the saved run ({shown})")
 
 
-PATH_OPTIONS = ("data", "hyp", "weights", "teacher")
+PATH_OPTIONS = ("data", "hyp", "weights", "teacher", "rewind")
 
 
 def _resolved_paths(options: TrainOptions) -> dict:
@@ -746,6 +805,16 @@ class _StateStore:
         shown = "; ".join(f"step {s}: {r}" for s, r in damaged)
         raise CheckpointError(f"{self.path}: no intact training state to resume from ({shown}); start in a new "
                               "output directory, or from weights/last with --weights")
+
+    def layout(self) -> list:
+        """The packed layout ([[path keys, shape, dtype], ...]) of the newest readable step ([] if none)."""
+        for step in self._steps():
+            try:
+                meta = self._read(step, "meta", self._ocp.args.JsonRestore())
+            except _Damaged:
+                continue
+            return meta.get("layout", []) if isinstance(meta, dict) else []
+        return []
 
     def _read(self, step: int, item: str, args):
         try:
@@ -861,7 +930,7 @@ def _to_pure(state: T.TrainState) -> dict:
     d = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
     for k in _STATE_TREES:
         d[k] = nnx.to_pure_dict(d[k])
-    for k in ("aux", "run"):  # optional parts (adapters, the run length): absent when None
+    for k in ("aux", "run", "extras"):  # optional parts (adapters, the run length, methods' extras): absent when None
         if d[k] is None:
             del d[k]
     return d
@@ -873,8 +942,9 @@ def _from_pure(d: dict, template: T.TrainState) -> T.TrainState:
         tree = jax.tree.map(lambda x: x, getattr(template, k))
         nnx.replace_by_pure_dict(tree, d[k])
         trees[k] = tree
-    optional = {k: None if getattr(template, k) is None else jax.tree.map(jnp.asarray, d[k]) for k in ("aux", "run")}
-    rest = {k: jnp.asarray(v) for k, v in d.items() if k not in _STATE_TREES + ("aux", "run")}
+    optional = {k: None if getattr(template, k) is None else jax.tree.map(jnp.asarray, d[k])
+                for k in ("aux", "run", "extras")}
+    rest = {k: jnp.asarray(v) for k, v in d.items() if k not in _STATE_TREES + ("aux", "run", "extras")}
     return template.replace(**rest, **trees, **optional)
 
 
