@@ -12,7 +12,7 @@ import argparse
 import json
 
 from jaxyolo import hyp as H
-from jaxyolo.trainer import TrainOptions, fit
+from jaxyolo.train_loop import TrainOptions, fit
 
 
 def main():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import dataclasses
 from collections import OrderedDict
 from pathlib import Path
 
@@ -46,6 +47,21 @@ class Detector:
         """The square size the weights were trained at, when known."""
         size = (self.training or {}).get("img_size")
         return int(size) if size else None
+
+    def with_model(self, model, *, training: bool = True) -> "Detector":
+        """This detector's table, names and (with `training`) training record around another
+        module of its family (e.g. other weights, or a folded form)."""
+        return Detector(model, self.table, self.names, self.training if training else None)
+
+    def as_float32(self) -> "Detector":
+        """Itself, or (when built with a reduced compute dtype) its weights computing in float32:
+        what the exports' parity gates compare with."""
+        if getattr(self.options, "dtype", None) is None:
+            return self
+        options = dataclasses.replace(self.options, dtype=None)
+        model = nnx.eval_shape(lambda: self.family.build(self.spec, options, rngs=nnx.Rngs(0)))
+        self.family.load_state_dict(model, self.state_dict(), source="as_float32")
+        return self.with_model(model, training=False)
 
     # -- description -------------------------------------------------------------------------
     @property
@@ -120,13 +136,13 @@ class Detector:
         graphdef, state = nnx.split(self.model)
         return _jit_all_kst(graphdef, state, images, self.kst)
 
-    def _require_values(self, what: str):
+    def require_weights(self, what: str):
         leaf = jax.tree.leaves(nnx.state(self.model))[0]
         if isinstance(leaf, jax.ShapeDtypeStruct):
             raise ConfigError(f"{what}: this detector was built with abstract=True (shapes only, no weights)")
 
     def _check_images(self, images):
-        self._require_values("forward")
+        self.require_weights("forward")
         images = jnp.asarray(images)
         if images.ndim == 3:
             images = images[None]
@@ -152,7 +168,7 @@ class Detector:
 
         if kst_index is not None:
             self._check_kst_index(kst_index)
-        return Detector(fold_model(self.model, kst_index=kst_index, bn=bn), self.table, self.names, self.training)
+        return self.with_model(fold_model(self.model, kst_index=kst_index, bn=bn))
 
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":
         """The weights under the family's reference names (numpy arrays, in order).
@@ -187,7 +203,7 @@ class Detector:
         """Save as an Orbax checkpoint folder: the model's variables plus a JSON description."""
         import orbax.checkpoint as ocp
 
-        self._require_values("save")
+        self.require_weights("save")
         path = Path(path).absolute()
         meta = {"format": CHECKPOINT_FORMAT, "family": self.family.name, "name": self.spec.name,
                 "table": self.table, "nc": self.spec.nc, "fields": self.family.checkpoint_fields(self.spec),

@@ -1,4 +1,4 @@
-"""On-device training augmentation of the reference (yolov5 / ScaledYOLOv4 `utils/datasets.py`, spec §9).
+"""On-device training augmentation of the reference (yolov5 / ScaledYOLOv4 `utils/datasets.py`, docs/reference.md §9).
 
 Everything here is a pure function over fixed shapes, so it jits, vmaps over a population of
 hyper-parameter sets (every `hyp` value is an array leaf, never a Python constant) and needs no
@@ -420,7 +420,7 @@ def augment_batch(key, hyp: Mapping[str, jax.Array], mosaic_canvas, mosaic_boxes
 
     mosaic_canvas (B, 2s, 2s, 3) and single_image (B, s, s, 3, letterboxed) are uint8 or float in
     [0, 1]; their boxes (B, Mm, 4) and (B, M, 4) xyxy pixels in their own canvas, classes int,
-    masks bool (the batch keys of `jaxyolo.data.pipeline.train_batches`). The four mosaic inputs may
+    masks bool (the batch keys of `jaxyolo.data.loader.train_batches`). The four mosaic inputs may
     be None (a pipeline built without canvases): every sample then takes the single branch. `hyp`
     maps every name in `HYP_KEYS` to a scalar (array); vmap over it for a population.
 
@@ -497,7 +497,7 @@ def augment_batch(key, hyp: Mapping[str, jax.Array], mosaic_canvas, mosaic_boxes
 
 def augment_host_batch(key, hyp: Mapping[str, jax.Array], batch: Mapping, out_size: int, *,
                        mixup_rows: bool = True, axis_aligned: bool = False):
-    """`augment_batch` on a host batch dict as `jaxyolo.data.pipeline.train_batches` builds it
+    """`augment_batch` on a host batch dict as `jaxyolo.data.loader.train_batches` builds it
     (``image``, ``boxes``, ``classes``, ``mask`` and, with mosaic, ``mosaic*``): the signature the
     training steps call (`StepCore`'s default ``augment_fn``)."""
     return augment_batch(key, hyp, batch.get("mosaic"), batch.get("mosaic_boxes"), batch.get("mosaic_classes"),

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxyolo import train as T
+from jaxyolo import train_step as T
 from jaxyolo.errors import ConfigError
 from jaxyolo.loss import bce_with_logits
 
@@ -95,15 +95,15 @@ def level_names(detector) -> tuple[str, ...]:
 def teacher_params(teacher) -> dict:
     """The teacher's frozen inference state as a pytree: {'params', 'stats'} (nnx.State). A
     detector from `jaxyolo.load` carries the EMA weights and their BatchNorm running statistics."""
-    teacher._require_values("teacher")
-    _, params, stats = T._split(teacher.model)
+    teacher.require_weights("teacher")
+    _, params, stats = T.split_model(teacher.model)
     return {"params": params, "stats": stats}
 
 
 def teacher_forward_fn(teacher, features: bool = False) -> Callable:
     """(teacher_params, images) -> (raw per level, head-input features per level or None), in
     inference mode and under `stop_gradient`; float32."""
-    graphdef = T._split(teacher.model)[0]
+    graphdef = T.split_model(teacher.model)[0]
 
     def forward(tparams, images):
         tparams = jax.lax.stop_gradient(tparams)
@@ -246,17 +246,17 @@ def make_distill_step(student, teacher, config: T.TrainConfig, *, augment_fn: Ca
                       features: bool = False, feature_mask: bool = True, cached_teacher: bool = False,
                       hooks: T.StepHooks | None = None):
     """The pure distillation step: (student_state, teacher_params, batch, hyp, key) -> (state,
-    metrics), shaped like `jaxyolo.train.make_train_step`'s step (and sharing its optimiser,
-    schedule, accumulation, EMA and non-finite handling: `jaxyolo.train.StepCore`).
+    metrics), shaped like `jaxyolo.train_step.make_train_step`'s step (and sharing its optimiser,
+    schedule, accumulation, EMA and non-finite handling: `jaxyolo.train_step.StepCore`).
 
     `student_state`: `init_state(student, teacher, features=...)` (a plain `train.init_state` when
     `features` is off); `teacher_params`: `teacher_params(teacher)`, frozen; the loss is the
-    student's detection loss plus `distill_loss`. `jaxyolo.train.population_step(step, mesh)` runs
+    student's detection loss plus `distill_loss`. `jaxyolo.train_step.population_step(step, mesh)` runs
     P students against one replicated teacher.
 
     `cached_teacher=True` (needs `config.augment=False`): the teacher's outputs come from the batch
     (`teacher_outputs`) instead of a teacher forward pass; `teacher_params` is then unused (None).
-    `hooks`: a training method's transforms of the student's step (`jaxyolo.train.StepHooks`).
+    `hooks`: a training method's transforms of the student's step (`jaxyolo.train_step.StepHooks`).
     """
     check_compatible(student, teacher)
     if cached_teacher and config.augment:

@@ -1,4 +1,4 @@
-"""Post-processing and evaluation: NMS, letterbox inverse, COCO json, COCO and VOC metrics (spec §11).
+"""Post-processing and evaluation: NMS, letterbox inverse, COCO json, COCO and VOC metrics (docs/reference.md §11).
 
 The pieces follow the reference's `test.py` so that a number measured here means what the paper's
 numbers mean: confidence 0.001, multi-label class-aware NMS at IoU 0.65 keeping 300 boxes per image,
@@ -313,7 +313,7 @@ def scale_boxes(boxes, from_shape, to_shape, ratio_pad=None) -> np.ndarray:
     of `to_shape` (h0, w0), clipped to it; the reference's scale_coords.
 
     Without `ratio_pad` the gain and centred padding are inferred from the two shapes, which is
-    only right for a plain letterbox. Rect batches pad more than that (spec §11: half a stride
+    only right for a plain letterbox. Rect batches pad more than that (docs/reference.md §11: half a stride
     on each side), so evaluation passes the loader's ((gain_h, gain_w), (pad_w, pad_h)); as in
     the reference only gain_h is used.
     """

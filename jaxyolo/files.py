@@ -1,5 +1,6 @@
 """File helpers: atomic writes (a reader, or a run killed mid-write, sees the old file or the new one,
-never half of one), checksums for checkpoints, and quiet reads of possibly damaged checkpoints."""
+never half of one), checksums for checkpoints, quiet reads of possibly damaged checkpoints, and
+settings files read with one clear error."""
 
 from __future__ import annotations
 
@@ -65,3 +66,22 @@ def quiet_logger(name: str, level: int | None = None):
         yield
     finally:
         logger.setLevel(old)
+
+
+def read_document(path: Path, *, what: str, fmt: str = "yaml"):
+    """The YAML (`yaml.safe_load`: a settings file never runs code) or JSON document at `path`; a
+    missing or unparsable file is a one-line ConfigError naming `what` and the file."""
+    import json
+
+    import yaml
+
+    from jaxyolo.errors import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        text = path.read_text()
+        return yaml.safe_load(text) if fmt == "yaml" else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {path}: not valid {fmt.upper()} ({str(e).splitlines()[0]})") from None

@@ -2,7 +2,7 @@
 
 Every value that a search may change enters the jitted step as an array leaf, so one compiled
 step serves every member of a population (a leading axis P on every leaf). Files use the
-reference key names (spec §9), so yolov5 / ScaledYOLOv4 / YOLOR hyp files load unchanged.
+reference key names (docs/reference.md §9), so yolov5 / ScaledYOLOv4 / YOLOR hyp files load unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from jaxyolo.errors import ConfigError
+from jaxyolo.files import read_document
 
 DEFAULT_FILE = "default"
 # bundled names of earlier releases: a clear message instead of "no such file"
@@ -151,7 +152,7 @@ def loss_gains(hyp: Mapping, *, nc: int, img_size: int, rule: str) -> dict:
 
     * "per-class" (the default): gains as given. The class term's weight per assigned box is then
       the same for 5 classes as for 80.
-    * "reference" (spec §9): cls × nc / 80, which keeps each class logit's gradient at its 80-class
+    * "reference" (docs/reference.md §9): cls × nc / 80, which keeps each class logit's gradient at its 80-class
       value: with 5 classes the class term weighs 1/16 of "per-class", and the class head of a
       small dataset barely learns (README, "Training recipe").
     * "yolov5": the reference's, and obj × (img_size / 640)² as yolov5 / ultralytics scale it.
@@ -174,12 +175,7 @@ def _read(source: str | Path) -> dict:
             if str(source) in RENAMED:
                 raise ConfigError(f"hyp {source!r} is now called {RENAMED[str(source)]!r}; bundled: {available()}")
             raise ConfigError(f"hyp {source!r}: no such file; bundled: {available()}")
-    if not path.exists():
-        raise ConfigError(f"hyp file {path}: not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"hyp file {path}: not valid YAML ({e})") from None
+    data = read_document(path, what="hyp file")
     if not isinstance(data, dict):
         raise ConfigError(f"hyp file {path}: expected a mapping of hyper-parameters")
     return data

@@ -1,4 +1,4 @@
-"""The YOLO loss of the reference (spec §8), with fixed shapes so it jits and vmaps.
+"""The YOLO loss of the reference (docs/reference.md §8), with fixed shapes so it jits and vmaps.
 
 Targets are padded per image: `boxes` (B, M, 4) xyxy in pixels of the network input, `classes`
 (B, M) int, `mask` (B, M) bool. Every (box, anchor, neighbour-cell) candidate of every level is
@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-# spec §8: the cell itself, then left, up, right, down neighbours (offset g = 0.5)
+# docs/reference.md §8: the cell itself, then left, up, right, down neighbours (offset g = 0.5)
 _OFFSETS = ((0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (-0.5, 0.0), (0.0, -0.5))
 
 
@@ -95,7 +95,7 @@ def yolo_loss(
         gij = jnp.floor(gxy[None] - off).astype(jnp.int32)  # (5, B, M, 2)
         gi = jnp.clip(gij[..., 0], 0, w - 1)
         gj = jnp.clip(gij[..., 1], 0, h - 1)
-        txy = gxy[None] - jnp.stack([gi, gj], -1).astype(jnp.float32)  # from the clamped cell (spec §8)
+        txy = gxy[None] - jnp.stack([gi, gj], -1).astype(jnp.float32)  # from the clamped cell (docs/reference.md §8)
         # candidates (5, B, M, na)
         valid = near[..., None] & valid_bma[None]
         bidx = jnp.arange(bsz)[None, :, None, None]

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxyolo.augment import to_unit
-from jaxyolo.data.pipeline import letterbox, letterbox_offsets, unletterbox_boxes
+from jaxyolo.data.loader import letterbox, letterbox_offsets, unletterbox_boxes
 from jaxyolo.errors import ConfigError
 from jaxyolo.evaluate import nms, split_detections
 

@@ -5,7 +5,7 @@ program that also returns the member's loss terms on that batch (local and globa
 reads both), decodes and applies NMS on device; the host maps boxes back to the original images
 and pycocotools scores them (`jaxyolo.evaluate`).
 
-The in-training evaluation of the reference uses NMS IoU 0.6 (spec §11); the standalone test uses
+The in-training evaluation of the reference uses NMS IoU 0.6 (docs/reference.md §11); the standalone test uses
 0.65. Both are arguments here; `DEFAULT_IOU_TRAIN` / `DEFAULT_IOU_TEST` name them.
 """
 
@@ -22,7 +22,7 @@ from flax import nnx
 from jaxyolo import families
 from jaxyolo.augment import to_unit
 from jaxyolo.data.dataset import DetectionDataset
-from jaxyolo.data.pipeline import eval_batches, pad_boxes, unletterbox_boxes
+from jaxyolo.data.loader import eval_batches, pad_boxes, unletterbox_boxes
 from jaxyolo.evaluate import detections_to_coco, evaluate_predictions, nms, split_detections
 from jaxyolo.predictions import Predictions
 
@@ -152,7 +152,7 @@ def validate(detector, dataset: DetectionDataset, *, img_size: int | None = None
     (`Detector.training`), else 640 px and the default hyps."""
     from jaxyolo import hyp as H
 
-    detector._require_values("validate")
+    detector.require_weights("validate")
     training = detector.training or {}
     img_size = img_size or detector.img_size or 640
     kw.setdefault("gain_rule", (training.get("recipe") or {}).get("gain_rule", H.RECIPE_DEFAULTS["gain_rule"]))

@@ -32,12 +32,18 @@ def apply_defaults() -> bool:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_experimental_ynn_fusion_type" in flags:
         return False
-    from jax._src import xla_bridge
-
-    if xla_bridge.backends_are_initialized():
+    if backend_started():
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {FLAG}".strip()
     return True
+
+
+def backend_started() -> bool:
+    """Whether this process has started a JAX backend (XLA flags set after that are ignored).
+    JAX has no public call for it; this is the one place that reaches into its internals."""
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
 
 
 def active() -> bool:

@@ -1,4 +1,4 @@
-"""Genetic evolution of hyper-parameters: the reference's rule (spec §10), population-ready.
+"""Genetic evolution of hyper-parameters: the reference's rule (docs/reference.md §10), population-ready.
 
 The reference (YRP / yolov5 v5.0 `train.py --evolve`) trains one child per generation; here a
 generation is `population` children trained together, each from its own parent selection and
@@ -69,7 +69,7 @@ def selection_weights(fitness_top) -> np.ndarray:
 
 def select_parent(vectors, fitness_values, rng: np.random.Generator, *, mode: str = "single",
                   top_n: int = 5) -> np.ndarray:
-    """A parent from the top n = min(top_n, rows) rows of the history (reference, spec §10 step 1).
+    """A parent from the top n = min(top_n, rows) rows of the history (reference, docs/reference.md §10 step 1).
 
     'single': one of the n rows at random with probability proportional to w;
     'weighted': the weighted average of the n rows with weights w (w = `selection_weights`).
@@ -103,7 +103,7 @@ def mutation_factors(space: SearchSpace, rng: np.random.Generator, *, mp: float 
 
 def mutate(parent, space: SearchSpace, rng: np.random.Generator, *, mp: float = 0.8, sigma: float = 0.2,
            max_tries: int = 1000) -> np.ndarray:
-    """A child of `parent` by the reference's rule (spec §10 steps 2-3), redrawn until it differs.
+    """A child of `parent` by the reference's rule (docs/reference.md §10 steps 2-3), redrawn until it differs.
 
     1. factors by `mutation_factors` (gains by name, frozen -> 1); redraw while all are 1.
     2. child_k = parent_k · factor_k (multiplicative, in linear and log scale alike: a factor is

@@ -42,17 +42,12 @@ import yaml
 
 from jaxyolo import hyp as H
 from jaxyolo.errors import ConfigError
-from jaxyolo.files import atomic_write_text
+from jaxyolo.files import atomic_write_text, read_document
+from jaxyolo.search.stages import DEPENDS, STAGES, UNITS
 
 log = logging.getLogger("jaxyolo.pipeline")
 
 FORMAT = "jaxyolo-pipeline/1"
-STAGES = ("A", "B", "jhs_l", "C", "D", "jhs_s", "E", "F", "F_l", "kst", "deploy")
-# Execution units, in order: rows that share a model train together as one population (their hyp
-# sets side by side, each with every seed), so a unit compiles one step for two rows.
-UNITS = {"A": ("A",), "jhs_l": ("jhs_l",), "BC": ("B", "C"), "jhs_s": ("jhs_s",), "DE": ("D", "E"),
-         "F": ("F", "F_l"), "kst": ("kst",), "deploy": ("deploy",)}
-DEPENDS = {"BC": ("jhs_l",), "DE": ("jhs_s",), "F": ("BC", "jhs_s", "jhs_l"), "kst": ("DE",), "deploy": ("F",)}
 SEARCH_KEYS = ("space", "population", "generations", "trial_epochs", "subset", "grid_dims", "grid_step",
                "img_size", "batch_size", "nominal_batch", "min_warmup_iters", "parent", "elite", "top_n", "mp",
                "sigma")
@@ -224,7 +219,7 @@ def plan(cfg: PipelineConfig, out: str | Path) -> dict[str, dict]:
     """What each unit runs, by unit name (see `UNITS`): train units carry TrainOptions (their `hyp`
     names the row hyp sets, resolved when the unit starts), search units SearchOptions."""
     from jaxyolo.search.runner import SearchOptions
-    from jaxyolo.trainer import TrainOptions
+    from jaxyolo.train_loop import TrainOptions
     from jaxyolo.validate import DEFAULT_IOU_TEST
 
     out = Path(out)
@@ -337,11 +332,8 @@ def config_changes(cfg: PipelineConfig, out: Path) -> list[str] | None:
     saved_path = Path(out) / "pipeline.json"
     if not saved_path.exists():
         return None
-    try:
-        saved = json.loads(saved_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{saved_path}: not readable JSON ({e})") from None
-    if saved.get("format") != FORMAT:
+    saved = read_document(saved_path, what="pipeline record", fmt="json")
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise ConfigError(f"{saved_path}: unknown pipeline format {saved.get('format')!r}")
     return _diff(saved["config"], cfg.to_dict())
 
@@ -410,7 +402,7 @@ def _run_unit(step: dict, cfg: PipelineConfig, results: dict, out: Path, emit) -
 def _train_unit(options, hyps: dict[str, dict], names: dict[str, str], emit) -> dict[str, dict]:
     """One population: every row's hyp set once per seed (row-major), trained by one `fit`."""
     from jaxyolo.search.runner import METRIC_KEYS
-    from jaxyolo.trainer import fit
+    from jaxyolo.train_loop import fit
 
     seeds = options.init_seeds[: len(options.init_seeds) // len(hyps)]
     population = [h for h in hyps.values() for _ in seeds]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxyolo.search.stages import STAGES, UNITS
+
 log = logging.getLogger("jaxyolo.pipeline")
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -169,8 +171,6 @@ def write(cfg, out: Path, results: dict) -> Path:
                       f"member {res['best']['member']}). Log and plots: `stages/{stage}/search/`.", ""]
     if _plot(out, results):
         lines += ["## AP per stage", "", "![AP per stage and seed](report_ap.png)", ""]
-    from jaxyolo.search.pipeline import STAGES, UNITS
-
     times = [(" + ".join(rows), results[rows[0]]["seconds"]) for rows in UNITS.values()
              if "seconds" in results.get(rows[0], {})]
     if times:

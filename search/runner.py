@@ -1,6 +1,6 @@
 """The joint hyper-parameter search (JHS) run: evolution, then a trend-guided grid.
 
-One generation = P hyper-parameter sets trained *together* by `jaxyolo.trainer.fit` (the vmapped
+One generation = P hyper-parameter sets trained *together* by `jaxyolo.train_loop.fit` (the vmapped
 population step, members sharded over the mesh's `pop` axis) for `trial_epochs` epochs on an
 optional subset, validated every epoch (the per-level and per-objective validation loss curves
 feed the loss-weight rule), scored by the last epoch's fitness 0.1·AP50 + 0.9·AP.
@@ -40,7 +40,7 @@ import numpy as np
 
 from jaxyolo import hyp as H
 from jaxyolo.errors import ConfigError
-from jaxyolo.files import atomic_write_text
+from jaxyolo.files import atomic_write_text, read_document
 from jaxyolo.search import evolve, trend
 from jaxyolo.search.space import SearchSpace
 
@@ -113,7 +113,7 @@ Evaluator = Callable[[Sequence[dict], str, "int | None"], list[dict]]
 
 def train_evaluator(options: SearchOptions, progress: Callable[[dict], None] | None = None) -> Evaluator:
     """Train each population with `fit` in `out/trials/<tag>` (resumed exactly if interrupted)."""
-    from jaxyolo.trainer import TrainOptions, fit
+    from jaxyolo.train_loop import TrainOptions, fit
 
     def evaluate(hyps: Sequence[dict], tag: str, epochs: int | None = None) -> list[dict]:
         folder = Path(options.out) / "trials" / tag
@@ -160,11 +160,8 @@ class SearchLog:
         path = self.out / "results.json"
         if not path.exists():
             return None
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not readable JSON ({e}); the search log is damaged") from None
-        if data.get("format") != LOG_FORMAT:
+        data = read_document(path, what="search log", fmt="json")
+        if not isinstance(data, dict) or data.get("format") != LOG_FORMAT:
             raise ConfigError(f"{path}: unknown search log format {data.get('format')!r}")
         return data
 

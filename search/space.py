@@ -26,6 +26,7 @@ import yaml
 
 from jaxyolo import hyp as H
 from jaxyolo.errors import ConfigError
+from jaxyolo.files import read_document
 
 DECIMALS = 5  # the reference rounds every evolved hyp to 5 decimals
 SCALES = ("linear", "log")
@@ -249,13 +250,7 @@ def _read(source: str | Path) -> tuple[dict, str]:
         path = Path(str(resources.files("jaxyolo.configs").joinpath("search", f"{source}.yaml")))
         if not path.exists():
             raise ConfigError(f"search space {source!r}: no such file; bundled: {available()}")
-    if not path.exists():
-        raise ConfigError(f"search space file {path}: not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"search space file {path}: not valid YAML ({e})") from None
-    return data, str(path)
+    return read_document(path, what="search space file"), str(path)
 
 
 def _number(where: str, name: str, field: str, value) -> float:

@@ -73,7 +73,7 @@ def test_torch_trainer_matches_the_jax_loss_at_the_same_weights():
     from flax import nnx
 
     from jaxyolo import hyp as H
-    from jaxyolo import train as T
+    from jaxyolo import train_step as T
     from jaxyolo.bench.suites import synthetic_batch
     from jaxyolo.bench.torch_train import TorchTrainer, ragged_targets
 
@@ -87,7 +87,7 @@ def test_torch_trainer_matches_the_jax_loss_at_the_same_weights():
 
     cfg = T.TrainConfig(epochs=1, batches_per_epoch=1, batch_size=2, img_size=img, augment=False)
     core = T.StepCore(det, cfg)
-    _, params, stats = T._split(det.model)
+    _, params, stats = T.split_model(det.model)
     model = nnx.merge(core.graphdef, params, stats, copy=True)
     raw = model(T.batch_images({"image": jnp.asarray(host["image"])}), train=True, key=jax.random.key(0))
     total_j, _ = core.detection_loss(raw, jnp.asarray(host["boxes"]), jnp.asarray(host["classes"]),
@@ -139,11 +139,9 @@ def test_layer_table_still_attributes_flops_to_layers(tiny):
 
 
 def test_xla_cpu_flag_respects_the_user(monkeypatch):
-    from jax._src import xla_bridge
-
     from jaxyolo import xla_cpu
 
-    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    monkeypatch.setattr(xla_cpu, "backend_started", lambda: False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1")
     monkeypatch.delenv("JAXYOLO_XLA_DEFAULTS", raising=False)
     assert xla_cpu.apply_defaults() and os.environ["XLA_FLAGS"] == f"--xla_foo=1 {xla_cpu.FLAG}"
@@ -154,7 +152,7 @@ def test_xla_cpu_flag_respects_the_user(monkeypatch):
     monkeypatch.setenv("JAXYOLO_XLA_DEFAULTS", "0")
     assert not xla_cpu.apply_defaults() and os.environ["XLA_FLAGS"] == ""
     monkeypatch.delenv("JAXYOLO_XLA_DEFAULTS")
-    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
+    monkeypatch.setattr(xla_cpu, "backend_started", lambda: True)
     assert not xla_cpu.apply_defaults()  # too late: XLA has read its flags
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,14 +22,14 @@ from helpers import train_case as case
 from helpers import train_runs as R
 from helpers.state_files import saved_state
 from helpers.train_runs import run_on_eight_devices
-from test_train import assert_same_training
+from test_train_step import assert_same_training
 
 import jaxyolo
 from jaxyolo import distill as D
 from jaxyolo import hyp as H
-from jaxyolo import train as T
+from jaxyolo import train_step as T
 from jaxyolo.errors import ConfigError
-from jaxyolo.trainer import TrainOptions, fit
+from jaxyolo.train_loop import TrainOptions, fit
 
 # ------------------------------------------------------------------------ the terms against NumPy
 

@@ -277,7 +277,7 @@ def test_scale_boxes_inverts_a_hand_letterbox():
     # 384x640, pad (w, h) = (0, (640 - 384) / 2 = 128). Box [50, 30, 250, 130] -> x * 1.28 + 0,
     # y * 1.28 + 128 = [64, 166.4, 320, 294.4].
     np.testing.assert_allclose(scale_boxes([[64, 166.4, 320, 294.4]], (640, 640), (300, 500)), [[50, 30, 250, 130]])
-    # The rect canvas (spec §11) is 416x672 for the same image: gain 1.28, pad (16, 16), so the box
+    # The rect canvas (docs/reference.md §11) is 416x672 for the same image: gain 1.28, pad (16, 16), so the box
     # sits at [80, 54.4, 336, 182.4]. Inferring the gain from the shapes would give 1.344, so the
     # loader's ratio_pad must be passed.
     boxed = np.array([[[80, 54.4, 336, 182.4]]] * 2)  # any leading shape

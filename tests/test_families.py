@@ -16,11 +16,11 @@ from helpers.train_case import batch as fixed_batch
 import jaxyolo
 from jaxyolo import families
 from jaxyolo import hyp as H
-from jaxyolo import train as T
+from jaxyolo import train_step as T
 from jaxyolo.errors import CheckpointError, ConfigError
 from jaxyolo.evaluate import nms, nms_numpy
 from jaxyolo.predictions import Predictions, from_tensor
-from jaxyolo.trainer import TrainOptions, fit
+from jaxyolo.train_loop import TrainOptions, fit
 
 
 def test_a_table_names_its_family_and_old_tables_are_yolov4(tmp_path):

@@ -11,7 +11,7 @@ import yaml
 from jaxyolo import hyp as H
 from jaxyolo.errors import ConfigError
 
-# /work/shared/spec/reference-yolov4.md §9 "Hyper-parameter files (values)", first column (YRP
+# docs/reference.md §9 "Hyper-parameter files (values)", first column (YRP
 # data/hyp.scratch.s.yaml) and second column (SYC data/hyp.scratch.yaml 2021-05, YOLOv4-CSP), typed in
 # from the table; balance from §8 ("balance = [4.0, 1.0, 0.4] for P3, P4, P5"), label_smoothing 0 (off).
 SPEC_SCRATCH_S = {
@@ -32,7 +32,7 @@ DEFAULT_CHANGES: dict = {"box": 0.2, "clip_grad": 50.0, "ema_tau": 200.0}
 # a file without a key takes the bundled default's value: a reference file has neither key
 MISSING_FROM_REFERENCE_FILES = {"clip_grad": 50.0, "ema_tau": 200.0}
 
-# ultralytics/yolov5 v6.0 data/hyps/hyp.scratch.yaml (spec §9: the first column with lrf 0.1, plus
+# ultralytics/yolov5 v6.0 data/hyps/hyp.scratch.yaml (docs/reference.md §9: the first column with lrf 0.1, plus
 # copy_paste), with the optional `anchors` key its comments describe
 YOLOV5_FILE = """\
 lr0: 0.01  # initial learning rate (SGD=1E-2, Adam=1E-3)
@@ -66,7 +66,7 @@ mixup: 0.0  # image mixup (probability)
 copy_paste: 0.0  # segment copy-paste (probability)
 """
 
-# the 2020 ScaledYOLOv4 hyp (spec §9 third column): the box gain is named `giou`
+# the 2020 ScaledYOLOv4 hyp (docs/reference.md §9 third column): the box gain is named `giou`
 SCALED_2020_FILE = """\
 lr0: 0.01
 momentum: 0.937
@@ -162,7 +162,7 @@ def test_non_numbers_and_bad_files_are_errors(tmp_path):
         H.load_hyp({"balance": 4.0})
     with pytest.raises(ConfigError, match="no-such-hyp"):
         H.load_hyp("no-such-hyp")
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match="does not exist"):
         H.load_hyp(tmp_path / "missing.yaml")
     bad = tmp_path / "list.yaml"
     bad.write_text("- 1\n- 2\n")
@@ -186,7 +186,7 @@ def test_balance_length_must_match_the_levels():
     with pytest.raises(ConfigError, match="balance"):
         H.load_hyp({"balance": [4.0, 1.0, 0.4, 0.1]}, num_levels=3)
     assert H.load_hyp({"balance": [4.0, 1.0, 0.4, 0.1]}, num_levels=4)["balance"] == [4.0, 1.0, 0.4, 0.1]
-    # spec §8: a three-value balance on a P6 model becomes the reference's [4.0, 1.0, 0.4, 0.1]
+    # docs/reference.md §8: a three-value balance on a P6 model becomes the reference's [4.0, 1.0, 0.4, 0.1]
     assert H.load_hyp(num_levels=4)["balance"] == [4.0, 1.0, 0.4, 0.1]
 
 

@@ -13,7 +13,7 @@ from scipy import stats
 
 import jaxyolo
 from jaxyolo.data.sources import open_dataset
-from jaxyolo.trainer import TrainOptions, fit
+from jaxyolo.train_loop import TrainOptions, fit
 from jaxyolo.validate import validate
 
 CLASSES = 3

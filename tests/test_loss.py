@@ -1,4 +1,4 @@
-"""The YOLO loss against a NumPy re-derivation written as plain loops over spec §8."""
+"""The YOLO loss against a NumPy re-derivation written as plain loops over docs/reference.md §8."""
 
 from __future__ import annotations
 

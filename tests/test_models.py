@@ -42,7 +42,7 @@ def test_layer_table_sums_and_spec_rows():
     rows = det.layer_table(640)
     assert sum(r["params"] for r in rows) == det.num_params()
     assert sum(r["gflops"] for r in rows) == pytest.approx(det.gflops(640))
-    # spec §4 per-layer parameters for YOLOv4s: layers 6, 11, 16 and the Detect head
+    # docs/reference.md §4 per-layer parameters for YOLOv4s: layers 6, 11, 16 and the Detect head
     by_index = {r["index"]: r for r in rows}
     assert by_index[6]["params"] == 161_152
     assert by_index[11]["params"] == 1_904_640
@@ -76,13 +76,13 @@ def test_detect_bias_prior():
         assert np.all(np.abs(b[:, 4] - obj) <= bound)
         assert np.all(np.abs(b[:, 5:] - np.log(0.6 / (80 - 0.99))) <= bound)
         assert np.all(np.abs(b[:, :4]) <= bound)
-    assert np.log(8 / (640 / 8) ** 2) == pytest.approx(-6.6846, abs=1e-4)  # spec §5 value
+    assert np.log(8 / (640 / 8) ** 2) == pytest.approx(-6.6846, abs=1e-4)  # docs/reference.md §5 value
 
 
 def test_builder_rules_for_small_scale():
     _, table = mcfg.load_table("yolov4s")
     spec = mcfg.resolve(table)
-    # spec §2: 8 -> round(2.64) = 3 inner bottlenecks, 4 -> round(1.32) = 1, 2 -> round(0.66) = 1
+    # docs/reference.md §2: 8 -> round(2.64) = 3 inner bottlenecks, 4 -> round(1.32) = 1, 2 -> round(0.66) = 1
     assert [spec.layers[i].n for i in (4, 6, 8, 10, 16)] == [1, 3, 3, 1, 1]
     assert spec.strides == (8, 16, 32)
     assert [spec.layers[i].c_out for i in (22, 26, 30)] == [128, 256, 512]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxyolo.data.dataset import DetectionDataset, Sample, SkipReport
-from jaxyolo.data.pipeline import (
+from jaxyolo.data.loader import (
     PAD_VALUE,
     ResizedCache,
     eval_batches,

@@ -19,7 +19,7 @@ BASE = {"box": 0.05, "obj": 1.0, "cls": 0.5}
     # per-class: the gains as given, whatever the classes and size
     ("per-class", 5, 128, 1.0, 0.5),
     ("per-class", 80, 640, 1.0, 0.5),
-    # reference (spec §9): cls x nc / 80, obj untouched whatever the size
+    # reference (docs/reference.md §9): cls x nc / 80, obj untouched whatever the size
     ("reference", 80, 640, 1.0, 0.5),
     ("reference", 5, 128, 1.0, 0.5 * 5 / 80),
     # yolov5: obj x (img / 640)^2 too; at 128 px (1/5 of 640) that is 1/25
@@ -45,7 +45,7 @@ def test_train_step_uses_the_rule_s_gains():
     """The step's loss at 128 px with 5 classes equals yolo_loss with gains scaled by hand."""
     import jax.numpy as jnp
 
-    from jaxyolo import train as T
+    from jaxyolo import train_step as T
     from jaxyolo.loss import yolo_loss
 
     det = jaxyolo.create_model("yolov4p", num_classes=5, head="detect", seed=0)
@@ -195,7 +195,7 @@ def test_a_run_takes_refitted_anchors_or_the_teacher_s():
     """fit's anchor choice: the table's when they cover the data, refitted when they do not, the
     teacher's when distilling (student and teacher must predict alike), none with `autoanchor` off
     or with starting weights (they carry their anchors)."""
-    from jaxyolo.trainer import TrainOptions, _run_anchors
+    from jaxyolo.train_loop import TrainOptions, _run_anchors
 
     det = jaxyolo.create_model("yolov4p", num_classes=1, head="detect", abstract=True)
     teacher = jaxyolo.create_model("yolov4p", num_classes=1, head="detect", abstract=True,

@@ -30,7 +30,7 @@ from jaxyolo.search import (
 )
 from jaxyolo.search.evolve import mutation_factors, selection_weights, top_rows
 
-# /work/shared/spec/reference-yolov4.md §10 meta table (gain, lower, upper), typed in from the spec
+# docs/reference.md §10 meta table (gain, lower, upper), typed in from the spec
 META = {
     "lr0": (1, 1e-5, 1e-1), "lrf": (1, 0.01, 1.0), "momentum": (0.3, 0.6, 0.98), "weight_decay": (1, 0.0, 0.001),
     "warmup_epochs": (1, 0.0, 5.0), "warmup_momentum": (1, 0.0, 0.95), "warmup_bias_lr": (1, 0.0, 0.2),
@@ -46,7 +46,7 @@ UNUSED = {"iou_t", "anchors", "fl_gamma"}
 # table's upper limit, so the limit moves up to let the search go either way from it
 META_CHANGES = {"box": (1, 0.02, 0.8)}
 DEFAULT_CHANGES = {"box": 0.2}  # the bundled default hyp's values that differ from reference-s
-# spec §9 first column (YRP hyp.scratch.s.yaml) + balance (spec §8)
+# docs/reference.md §9 first column (YRP hyp.scratch.s.yaml) + balance (docs/reference.md §8)
 SCRATCH_S = {
     "lr0": 0.01, "lrf": 0.2, "momentum": 0.937, "weight_decay": 0.0005, "warmup_epochs": 3.0,
     "warmup_momentum": 0.8, "warmup_bias_lr": 0.1, "box": 0.05, "cls": 0.5, "cls_pw": 1.0, "obj": 1.0,

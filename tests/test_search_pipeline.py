@@ -109,8 +109,8 @@ def test_units_pull_in_their_dependencies():
 
 
 def test_init_seeds_give_each_member_its_own_initialisation():
-    from jaxyolo import train as T
-    from jaxyolo.trainer import TrainOptions, initial_population
+    from jaxyolo import train_step as T
+    from jaxyolo.train_loop import TrainOptions, initial_population
 
     opts = TrainOptions(model="yolov4p", kst=2, init_seeds=[3, 5, 3])
     det = jaxyolo.create_model("yolov4p", num_classes=80, kst=2, seed=0)

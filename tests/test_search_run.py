@@ -151,7 +151,7 @@ def test_time_estimate_counts_every_population(data_env):
 def test_trials_distil_from_a_teacher_and_keep_no_weights(monkeypatch, tmp_path):
     """`teacher` reaches every trial's training (so kd_* keys in a space are searched), and trials
     skip the per-member weights and figures nobody reads."""
-    import jaxyolo.trainer as trainer
+    import jaxyolo.train_loop as trainer
     from jaxyolo.search.runner import train_evaluator
 
     seen = []

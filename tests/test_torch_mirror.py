@@ -23,7 +23,7 @@ import jaxyolo  # noqa: E402
 from jaxyolo.errors import ConfigError, ExportError  # noqa: E402
 from jaxyolo.export import torch_export as TE  # noqa: E402
 from jaxyolo.export import torch_mirror as M  # noqa: E402
-from jaxyolo.export.state_dict import expected_shapes  # noqa: E402
+from jaxyolo.models.state_dict import expected_shapes  # noqa: E402
 from jaxyolo.models.yolo import apply  # noqa: E402
 
 SIZES = (IMG, 96)

@@ -14,9 +14,9 @@ from helpers.train_case import batch as fixed_batch
 
 import jaxyolo
 from jaxyolo import hyp as H
-from jaxyolo import train as T
+from jaxyolo import train_step as T
 from jaxyolo.errors import ConfigError
-from jaxyolo.trainer import TrainOptions, fit, read_state
+from jaxyolo.train_loop import TrainOptions, fit, read_state
 
 CFG = T.TrainConfig(epochs=1, batches_per_epoch=6, batch_size=8, img_size=64, nominal_batch=8, min_warmup_iters=1,
                     augment=False)

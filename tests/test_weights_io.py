@@ -30,10 +30,10 @@ def _read_tsv(name):
 @pytest.mark.parametrize("head", ["implicit", "detect"])
 def test_state_dict_keys_and_shapes_equal_the_reference(name, head):
     ref = _read_tsv(name)
-    if head == "detect":  # spec §7: the plain-Detect file lacks the six implicit rows
+    if head == "detect":  # docs/reference.md §7: the plain-Detect file lacks the six implicit rows
         ref = [(k, s) for k, s in ref if ".ia." not in k and ".im." not in k]
     det = jaxyolo.create_model(name, head=head, kst=1, abstract=True)
-    from jaxyolo.export.state_dict import expected_shapes
+    from jaxyolo.models.state_dict import expected_shapes
 
     assert list(expected_shapes(det.model).items()) == ref
     # the abstract detector's state_dict lists the same keys with shapes only
@@ -43,7 +43,7 @@ def test_state_dict_keys_and_shapes_equal_the_reference(name, head):
 def test_every_variable_is_mapped_exactly_once(tiny):
     from flax import nnx
 
-    from jaxyolo.export.state_dict import entries
+    from jaxyolo.models.state_dict import entries
 
     mapped = [id(e.variable) for e in entries(tiny.model) if e.variable is not None]
     assert len(mapped) == len(set(mapped))
@@ -52,7 +52,7 @@ def test_every_variable_is_mapped_exactly_once(tiny):
 
 def test_anchor_buffers_follow_the_spec():
     sd = jaxyolo.create_model("yolov4p", head="detect").state_dict()
-    # spec §5, measured anchors buffer (grid units)
+    # docs/reference.md §5, measured anchors buffer (grid units)
     np.testing.assert_allclose(sd["model.31.anchors"][0], [[1.5, 2.0], [2.375, 4.5], [5.0, 3.5]])
     np.testing.assert_allclose(sd["model.31.anchors"][2, 2], [14.34375, 12.53125])
     assert sd["model.31.anchor_grid"].shape == (3, 1, 3, 1, 1, 2)

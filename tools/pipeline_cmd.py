@@ -44,9 +44,9 @@ def setup_compilation(cache: str | None, fast: bool) -> None:
 
     fast_flag = "--xla_backend_optimization_level=0"
     if fast and fast_flag not in os.environ.get("XLA_FLAGS", ""):  # already set by an earlier call: done
-        from jax._src import xla_bridge
+        from jaxyolo.xla_cpu import backend_started
 
-        if xla_bridge.backends_are_initialized():
+        if backend_started():
             logging.getLogger("jaxyolo").warning("--fast-compile: the XLA backend is already running; ignored")
         else:
             os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {fast_flag}".strip()

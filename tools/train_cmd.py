@@ -56,12 +56,16 @@ def add_parser(subparsers):
     p.add_argument("--teacher", help="distil from this jaxyolo checkpoint folder (weights from the hyp's kd_* keys)")
     p.add_argument("--kd-features", action="store_true",
                    help="with --teacher: feature imitation at P3-P5 through 1x1 adapters (hyp kd_feat)")
+    p.add_argument("--snapshot", type=int, action="append", default=[], metavar="K",
+                   help="keep the training state of iteration K as snapshots/iterK (and weights/iterK); repeatable")
+    p.add_argument("--rewind", metavar="SNAPSHOT",
+                   help="start from a snapshot folder (OUT/snapshots/iterK of an earlier run) at its iteration K")
     p.set_defaults(func=run)
     return p
 
 
 def options_from_args(args):
-    from jaxyolo.trainer import TrainOptions
+    from jaxyolo.train_loop import TrainOptions
 
     return TrainOptions(model=args.model, data=args.data, hyp=args.hyp, img_size=args.img, batch_size=args.batch,
                         epochs=args.epochs, out=args.out, weights=args.weights, seed=args.seed, head=args.head,
@@ -71,7 +75,7 @@ def options_from_args(args):
                         gain_rule=args.gain_rule, close_mosaic=args.close_mosaic, autoanchor=args.autoanchor,
                         schedule=args.schedule, eval_every=args.eval_every, save_every=args.save_every,
                         max_boxes=args.max_boxes, subset=args.subset, teacher=args.teacher,
-                        kd_features=args.kd_features)
+                        kd_features=args.kd_features, snapshots=tuple(args.snapshot), rewind=args.rewind)
 
 
 class ProgressPrinter:
@@ -131,7 +135,7 @@ def format_row(row: dict, epochs: int) -> str:
 
 
 def run(args) -> int:
-    from jaxyolo.trainer import fit
+    from jaxyolo.train_loop import fit
 
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax reports every save at INFO
     fit(options_from_args(args), resume=args.resume, progress=ProgressPrinter())

@@ -1,7 +1,7 @@
 """The learn suite: held-out AP per epoch and wall time on a generated set, beside the peers.
 
 `learn(...)` writes a generated shapes dataset (`jaxyolo.data.synthetic`; its size a parameter),
-trains jaxyolo on it with `jaxyolo.trainer.fit` and, given a peer Python (`peer_python`, a venv
+trains jaxyolo on it with `jaxyolo.train_loop.fit` and, given a peer Python (`peer_python`, a venv
 with ultralytics and yolov5, see benchmarks/peers/README.md), trains ultralytics' YOLOv8 and
 yolov5 on the same files with the same epochs, image size and batch (`peer_train.py`, run in that
 Python). Every system's final weights predict the held-out split (confidence >= 0.001, NMS IoU
@@ -64,7 +64,7 @@ def _jaxyolo(data: Path, gt: Path, out: Path, *, model, head, hyp, epochs, img, 
     import shutil
 
     from jaxyolo.data.sources import open_dataset
-    from jaxyolo.trainer import TrainOptions, fit
+    from jaxyolo.train_loop import TrainOptions, fit
     from jaxyolo.validate import validate
 
     shutil.rmtree(out, ignore_errors=True)

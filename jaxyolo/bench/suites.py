@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxyolo.bench.measure import PeakRSS, interleaved, median, timed
 from jaxyolo.errors import ConfigError
-from jaxyolo.export.latency import _has
+from jaxyolo.export.latency import has_module
 
 
 def synthetic_batch(batch: int, size: int, *, num_classes: int = 80, max_boxes: int = 32, augment: bool = False,
@@ -37,13 +37,13 @@ def synthetic_batch(batch: int, size: int, *, num_classes: int = 80, max_boxes: 
 
 
 class _StepRunner:
-    """A compiled population step of `det` (P members, the real `jaxyolo.train.population_step` on
+    """A compiled population step of `det` (P members, the real `jaxyolo.train_step.population_step` on
     a mesh of the local devices) and its state; each call runs one iteration and waits for it.
     `info`: trace and compile seconds and XLA's memory estimate."""
 
     def __init__(self, det, cfg, batch, *, pop: int = 1, augment_fn=None, hyps=None):
         from jaxyolo import hyp as H
-        from jaxyolo import train as T
+        from jaxyolo import train_step as T
 
         n = jax.device_count()
         mesh_pop = max(d for d in range(1, n + 1) if n % d == 0 and pop % d == 0)
@@ -84,7 +84,7 @@ def train(*, model: str = "yolov4s", batch: int = 8, img: int = 320, repeats: in
     EMA; the population step with P = 1) against the PyTorch mirror with the same weights and the
     reference loss (`jaxyolo.bench.torch_train`), channels_last, eager, all cores."""
     import jaxyolo
-    from jaxyolo import train as T
+    from jaxyolo import train_step as T
 
     det = jaxyolo.create_model(model, num_classes=80, kst=kst)
     cfg = T.TrainConfig(epochs=300, batches_per_epoch=100, batch_size=batch, img_size=img, augment=False)
@@ -93,7 +93,7 @@ def train(*, model: str = "yolov4s", batch: int = 8, img: int = 320, repeats: in
 
     contestants = {"jax": jax_step}
     out = {"model": model, "batch": batch, "img": img, "kst": kst, "params": det.num_params(), **jax_step.info}
-    if with_torch and _has("torch"):
+    if with_torch and has_module("torch"):
         import torch
 
         from jaxyolo import hyp as H
@@ -130,7 +130,7 @@ def train_breakdown(*, model: str = "yolov4s", batch: int = 8, img: int = 320, r
 
     import jaxyolo
     from jaxyolo import hyp as H
-    from jaxyolo import train as T
+    from jaxyolo import train_step as T
 
     det = jaxyolo.create_model(model, num_classes=80, kst=3)
     cfg = T.TrainConfig(epochs=300, batches_per_epoch=100, batch_size=batch, img_size=img, augment=False)
@@ -172,7 +172,7 @@ def population(*, model: str = "yolov4n", batch: int = 8, img: int = 256, pops=(
     brightness gain) against P × the one-member step: the population axis's efficiency."""
     import jaxyolo
     from jaxyolo import hyp as H
-    from jaxyolo import train as T
+    from jaxyolo import train_step as T
     from jaxyolo.augment import augment_host_batch
 
     det = jaxyolo.create_model(model, num_classes=80, kst=3)
@@ -201,7 +201,7 @@ def infer(*, model: str = "yolov4s", sizes=(416, 640), runs: int = 30, warmup: i
     import jaxyolo
     from jaxyolo.export.latency import profile
 
-    if not _has("onnxruntime"):
+    if not has_module("onnxruntime"):
         raise ConfigError("bench infer: onnxruntime is not installed (pip install 'jaxyolo[export]')")
     det = jaxyolo.create_model(model, num_classes=80, kst=3)
     prof = profile(det, list(sizes), runs=runs, warmup=warmup)
@@ -292,7 +292,7 @@ def gpu(*, model: str = "yolov4s", batch: int = 32, img: int = 640, repeats: int
     Model FLOPs per image = 3 × the forward's (2 × conv MACs): forward, and backward's two
     convolutions per layer. `allow_cpu` runs it on the CPU (for tests; the figures mean nothing)."""
     import jaxyolo
-    from jaxyolo import train as T
+    from jaxyolo import train_step as T
 
     backend = jax.default_backend()
     if backend == "cpu" and not allow_cpu:
@@ -314,7 +314,7 @@ def gpu(*, model: str = "yolov4s", batch: int = 32, img: int = 640, repeats: int
            "model_tflops_per_s": round(flops_per_image * batch / t / 1e12, 2),
            "bf16_matmul_ceiling_tflops": round(ceiling / 1e12, 1),
            "mfu": round(flops_per_image * batch / t / ceiling, 4)}
-    out["torch_amp"] = _torch_amp(det, host, img, repeats, warmup) if _has("torch") else None
+    out["torch_amp"] = _torch_amp(det, host, img, repeats, warmup) if has_module("torch") else None
     if out["torch_amp"] and "images_per_s" in out["torch_amp"]:
         out["ratio_jax_to_torch_images_per_s"] = round(out["jax_images_per_s"] / out["torch_amp"]["images_per_s"], 3)
     return out

@@ -2,16 +2,16 @@
 PyTorch, on the PyTorch mirror (`jaxyolo.export.torch_mirror`) loaded with a jaxyolo detector's
 weights.
 
-The loss is written the reference's way (spec §8), not as a port of `jaxyolo.loss`: targets are a
+The loss is written the reference's way (docs/reference.md §8), not as a port of `jaxyolo.loss`: targets are a
 ragged list of rows (image, class, x, y, w, h), `build_targets` filters them per level by the anchor
 shape test and fans each one out to its own and neighbouring cells with boolean indexing, and the
 terms are computed on the gathered predictions only. jaxyolo's loss evaluates every candidate at a
 fixed shape instead; the tests check that both give the same value, which makes this the baseline
 the benchmark compares against (the same model, weights and loss, each framework's natural form).
 
-The step (`TorchTrainer.step`) does what `jaxyolo.train`'s step does every iteration: uint8 images
+The step (`TorchTrainer.step`) does what `jaxyolo.train_step`'s step does every iteration: uint8 images
 to float, forward in train mode (batch statistics, a random KST candidate pair), loss, backward,
-grouped Nesterov SGD (spec §9: BN weights and implicit vectors without decay, other weights with
+grouped Nesterov SGD (docs/reference.md §9: BN weights and implicit vectors without decay, other weights with
 decay, biases without), and the EMA of parameters and BN statistics.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# spec §8: own cell, then left, up, right, down neighbours
+# docs/reference.md §8: own cell, then left, up, right, down neighbours
 _OFFSETS = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]) * 0.5
 
 
@@ -39,7 +39,7 @@ def ragged_targets(boxes, classes, mask, img_size: int) -> torch.Tensor:
 
 
 def ciou(b1: torch.Tensor, b2: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
-    """CIoU of centre-xywh boxes (n, 4) (spec §8; the aspect weight alpha without gradient)."""
+    """CIoU of centre-xywh boxes (n, 4) (docs/reference.md §8; the aspect weight alpha without gradient)."""
     (x1, y1, w1, h1), (x2, y2, w2, h2) = b1.unbind(-1), b2.unbind(-1)
     l1, r1, t1, d1 = x1 - w1 / 2, x1 + w1 / 2, y1 - h1 / 2, y1 + h1 / 2
     l2, r2, t2, d2 = x2 - w2 / 2, x2 + w2 / 2, y2 - h2 / 2, y2 + h2 / 2
@@ -69,7 +69,7 @@ def build_targets(shapes, targets: torch.Tensor, anchors, strides, anchor_t: flo
         gain = torch.tensor([1, 1, w, h, w, h, 1], dtype=torch.float32, device=dev)
         t = t_all * gain
         r = t[..., 4:6] / anc[:, None]
-        t = t[torch.max(r, 1 / r).max(2).values < anchor_t]  # shape match (spec §8 step 2)
+        t = t[torch.max(r, 1 / r).max(2).values < anchor_t]  # shape match (docs/reference.md §8 step 2)
         gxy = t[:, 2:4]
         gxi = gain[[2, 3]] - gxy
         j, k = ((gxy % 1 < 0.5) & (gxy > 1)).T
@@ -112,7 +112,7 @@ def yolo_loss(preds, targets: torch.Tensor, *, anchors, strides, hyp: dict):
             pbox = torch.cat([ps[:, :2].sigmoid() * 2 - 0.5, (ps[:, 2:4].sigmoid() * 2) ** 2 * anc], 1)
             iou = ciou(pbox, tbox)
             lbox = (1.0 - iou).mean()
-            # objectness target: the clamped CIoU, the last assignment to a cell winning (spec §8);
+            # objectness target: the clamped CIoU, the last assignment to a cell winning (docs/reference.md §8);
             # resolved explicitly because an index_put with repeated indices has no defined winner
             cell = ((img * p.shape[1] + a) * p.shape[2] + gj) * p.shape[3] + gi
             uniq, inv = torch.unique(cell, return_inverse=True)
@@ -130,7 +130,7 @@ def yolo_loss(preds, targets: torch.Tensor, *, anchors, strides, hyp: dict):
 
 
 def param_groups(model):
-    """The reference's three optimiser groups (spec §9): BN weights and implicit vectors, other
+    """The reference's three optimiser groups (docs/reference.md §9): BN weights and implicit vectors, other
     weights, biases."""
     bn_weights, decay, biases = [], [], []
     for mod in model.modules():
@@ -164,7 +164,7 @@ class TorchTrainer:
         self.hyp = {k: (list(map(float, v)) if k == "balance" else float(np.asarray(v)))
                     for k, v in hyp.items() if k in ("box", "obj", "cls", "cls_pw", "obj_pw", "anchor_t",
                                                      "balance", "label_smoothing")}
-        self.hyp["cls"] *= spec.nc / 80.0  # spec §9, as jaxyolo's step does
+        self.hyp["cls"] *= spec.nc / 80.0  # docs/reference.md §9, as jaxyolo's step does
         g0, g1, g2 = param_groups(self.model)
         wd = float(np.asarray(hyp["weight_decay"]))
         self.opt = torch.optim.SGD(g0, lr=lr, momentum=float(np.asarray(hyp["momentum"])), nesterov=True)

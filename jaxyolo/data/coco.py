@@ -32,22 +32,18 @@ import numpy as np
 from jaxyolo.data.dataset import DetectionDataset, Sample, SkipReport, log
 from jaxyolo.data.yolo import displayed_size, probe_images, read_rgb
 from jaxyolo.errors import ConfigError
+from jaxyolo.files import read_document
 
 
 def read_coco_json(path: Path) -> dict:
     """The parsed json, with a one-line ConfigError for anything unreadable."""
-    if not path.is_file():
-        raise ConfigError(f"COCO json {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from e
+    data = read_document(path, what="COCO json", fmt="json")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected an object with 'images' and 'categories', got {type(data).__name__}")
     return data
 
 
-def _field(obj, key: str, where: str, path: Path, types: type | tuple):
+def checked_field(obj, key: str, where: str, path: Path, types: type | tuple):
     """obj[key], checked: the error names the file, the entry and the key."""
     if not isinstance(obj, dict) or key not in obj:
         raise ConfigError(f"{path}: {where} has no '{key}'")
@@ -60,17 +56,17 @@ def _field(obj, key: str, where: str, path: Path, types: type | tuple):
 def _list(data: dict, key: str, path: Path, required: bool = True) -> list:
     if key not in data and not required:
         return []
-    return _field(data, key, "the top level", path, list)
+    return checked_field(data, key, "the top level", path, list)
 
 
 def parse_categories(data: dict, path: Path) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """(category ids sorted, names in that order)."""
     cats = {}
     for k, c in enumerate(_list(data, "categories", path)):
-        cid = _field(c, "id", f"categories[{k}]", path, int)
+        cid = checked_field(c, "id", f"categories[{k}]", path, int)
         if cid in cats:
             raise ConfigError(f"{path}: categories[{k}] repeats id {cid}")
-        cats[cid] = str(_field(c, "name", f"categories[{k}]", path, str))
+        cats[cid] = str(checked_field(c, "name", f"categories[{k}]", path, str))
     if not cats:
         raise ConfigError(f"{path}: 'categories' is empty")
     ids = tuple(sorted(cats))
@@ -82,14 +78,14 @@ def parse_images(data: dict, path: Path) -> list[dict]:
     out, seen = [], set()
     for k, im in enumerate(_list(data, "images", path)):
         where = f"images[{k}]"
-        iid = _field(im, "id", where, path, int)
+        iid = checked_field(im, "id", where, path, int)
         if iid in seen:
             raise ConfigError(f"{path}: {where} repeats image id {iid}")
         seen.add(iid)
-        entry = {"id": iid, "file_name": _field(im, "file_name", where, path, str)}
+        entry = {"id": iid, "file_name": checked_field(im, "file_name", where, path, str)}
         if "width" in im or "height" in im:
-            entry["width"] = int(_field(im, "width", where, path, (int, float)))
-            entry["height"] = int(_field(im, "height", where, path, (int, float)))
+            entry["width"] = int(checked_field(im, "width", where, path, (int, float)))
+            entry["height"] = int(checked_field(im, "height", where, path, (int, float)))
         out.append(entry)
     return out
 
@@ -154,9 +150,9 @@ class CocoDataset(DetectionDataset):
         out = {iid: [] for iid in images}
         for k, a in enumerate(_list(data, "annotations", self.json_path, required=False)):
             where = f"annotations[{k}]"
-            iid = _field(a, "image_id", where, self.json_path, int)
-            cid = _field(a, "category_id", where, self.json_path, int)
-            bbox = _field(a, "bbox", where, self.json_path, list)
+            iid = checked_field(a, "image_id", where, self.json_path, int)
+            cid = checked_field(a, "category_id", where, self.json_path, int)
+            bbox = checked_field(a, "bbox", where, self.json_path, list)
             name = f"{self.json_path}: annotation id {a.get('id', '?')} ({where})"
             if len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
                 raise ConfigError(f"{name}: 'bbox' must be 4 numbers [x, y, w, h], got {bbox!r}")

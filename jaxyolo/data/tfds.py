@@ -51,7 +51,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from jaxyolo.data.coco import _field, parse_categories, parse_images, read_coco_json
+from jaxyolo.data.coco import checked_field, parse_categories, parse_images, read_coco_json
 from jaxyolo.data.dataset import DetectionDataset, Sample, SkipReport, log
 from jaxyolo.data.yolo import COCO80_CATEGORY_IDS, COCO80_NAMES, probe_image, to_rgb
 from jaxyolo.errors import ConfigError
@@ -397,9 +397,9 @@ def _coco_examples(tfds, json_path: Path, image_dir: Path, skipped: SkipReport):
     anns: dict[int, list] = {iid: [] for iid in images}
     for k, a in enumerate(data.get("annotations", [])):
         where = f"annotations[{k}]"
-        iid = _field(a, "image_id", where, json_path, int)
-        cid = _field(a, "category_id", where, json_path, int)
-        bbox = _field(a, "bbox", where, json_path, list)
+        iid = checked_field(a, "image_id", where, json_path, int)
+        cid = checked_field(a, "category_id", where, json_path, int)
+        bbox = checked_field(a, "bbox", where, json_path, list)
         name = f"{json_path}: annotation id {a.get('id', '?')} ({where})"
         if len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
             raise ConfigError(f"{name}: 'bbox' must be 4 numbers [x, y, w, h], got {bbox!r}")

@@ -44,6 +44,7 @@ from PIL import Image, ImageOps
 
 from jaxyolo.data.dataset import DetectionDataset, Sample, SkipReport, log
 from jaxyolo.errors import ConfigError
+from jaxyolo.files import read_document
 
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp")
 EDGE_TOLERANCE = 1e-3  # label writers round to 6 decimals; anything beyond this is a wrong label
@@ -176,12 +177,7 @@ def integer_image_ids(paths: Iterable[str | os.PathLike]) -> tuple[int, ...]:
 
 def read_data_yaml(path: Path) -> dict:
     """The data YAML as a dict (safe_load: a data file must never run code)."""
-    if not path.is_file():
-        raise ConfigError(f"data YAML {path} does not exist")
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    cfg = read_document(path, what="data YAML")
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a mapping with 'train', 'val' and 'names', got {type(cfg).__name__}")
     return cfg

@@ -83,7 +83,8 @@ def torch_latency(folder: str | Path, img_size: int, *, threads: int, runs: int,
         torch.set_num_threads(old)
 
 
-def _has(module: str) -> bool:
+def has_module(module: str) -> bool:
+    """Whether `module` can be imported (without importing it)."""
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
@@ -99,7 +100,7 @@ def profile(detector, img_sizes, *, runs: int = 50, warmup: int = 10, threads: i
     if runs < 1 or warmup < 0:
         raise ConfigError(f"profile: runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     threads = threads or os.cpu_count() or 1
-    with_torch = with_torch and _has("torch")
+    with_torch = with_torch and has_module("torch")
     rows = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
@@ -133,6 +134,6 @@ def machine() -> dict:
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
             "jax_backend": jax.default_backend()}
     for mod in ("onnxruntime", "torch"):
-        if _has(mod):
+        if has_module(mod):
             info[mod] = __import__(mod).__version__
     return info

@@ -100,7 +100,6 @@ parity check (mostly compiling the JAX reference).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -265,26 +264,12 @@ def _inference_module(detector, *, half: bool):
     compute if `half`)."""
     from flax import nnx
 
-    folded = detector.family.inference_module(_float32_compute(detector).model)
+    folded = detector.family.inference_module(detector.as_float32().model)
     if not half:
         return folded
     graphdef, state = nnx.split(folded)
     state = jax.tree.map(lambda a: a.astype(jnp.float16) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
     return nnx.merge(graphdef, state)
-
-
-def _float32_compute(detector):
-    """`detector` itself, or (when built with a reduced compute dtype) its weights computing in float32."""
-    if getattr(detector.options, "dtype", None) is None:
-        return detector
-    from flax import nnx
-
-    from jaxyolo.api import Detector
-
-    options = dataclasses.replace(detector.options, dtype=None)
-    model = nnx.eval_shape(lambda: detector.family.build(detector.spec, options, rngs=nnx.Rngs(0)))
-    detector.family.load_state_dict(model, detector.state_dict(), source="export_onnx")
-    return Detector(model, detector.table, detector.names)
 
 
 # ----------------------------------------------------------------------------------- NMS graph
@@ -408,7 +393,7 @@ def _parity(detector, model, file: Path, hw, *, batch, nms, conf_thres, iou_thre
         raise ExportError(f"export_onnx: onnxruntime cannot run the exported graph ({type(e).__name__}: {e})") from e
     got = {k: np.concatenate([r[k] for r in runs]) for k in names}
 
-    reference = _float32_compute(detector)
+    reference = detector.as_float32()
     want = np.concatenate([np.asarray(reference(images[i:i + b].transpose(0, 2, 3, 1))) for i in range(0, n_img, b)])
     decoded = got["decoded" if nms else OUTPUT_NAME]
     scale = np.array([w, h, w, h], np.float32)
@@ -454,7 +439,7 @@ def _fmt_diff(d: dict) -> str:
 
 
 def _check_args(detector, img_size, batch_size, opset, conf_thres, iou_thres, max_det, tolerance):
-    detector._require_values("export_onnx")
+    detector.require_weights("export_onnx")
     if isinstance(img_size, (int, np.integer)):
         h = w = int(img_size)
     else:

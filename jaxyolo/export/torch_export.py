@@ -32,7 +32,6 @@ alone; normalised <= 5.9e-7; scores <= 1.4e-7; raw logits <= 8.1e-6. The report 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -94,21 +93,6 @@ def torch_config(detector) -> dict:
 def _export_state(detector) -> "OrderedDict[str, np.ndarray]":
     """The state_dict written to model.pt (a seam for tests)."""
     return detector.state_dict()
-
-
-def _float32_detector(detector):
-    """`detector` itself, or a float32-compute copy when it computes in another dtype."""
-    if detector.options.dtype is None:
-        return detector
-    from flax import nnx
-
-    from jaxyolo.api import Detector
-    from jaxyolo.models.yolo import YOLO
-
-    options = dataclasses.replace(detector.options, dtype=None)
-    model = nnx.eval_shape(lambda: YOLO(detector.spec, options, rngs=nnx.Rngs(0)))
-    out = Detector(model, detector.table, detector.names)
-    return out.load_state_dict(detector.state_dict(), source="export")
 
 
 def _image_hw(img_size, stride: int) -> tuple[int, int]:
@@ -182,7 +166,7 @@ def export_torch(
         import torch
     except ImportError:
         raise ExportError("export_torch needs PyTorch: pip install 'jaxyolo[torch]'") from None
-    detector._require_values("export_torch")
+    detector.require_weights("export_torch")
     hw = _image_hw(img_size, max(detector.spec.strides))
     if not (isinstance(tolerance, (int, float)) and tolerance > 0):
         raise ConfigError(f"tolerance: must be a positive number, got {tolerance!r}")
@@ -225,7 +209,7 @@ def export_torch(
             except (ValueError, OSError) as e:
                 raise ExportError(f"torch parity: the exported folder does not load: {e}") from None
             images = np.random.default_rng(seed).uniform(0, 1, (2, *hw, 3)).astype(np.float32)
-            diffs = _compare(_float32_detector(detector), mirror, images)
+            diffs = _compare(detector.as_float32(), mirror, images)
             report.update(diffs)
             if not diffs["finite"] or not diffs["max_abs_diff"] <= tolerance:
                 raise ExportError(

@@ -73,12 +73,12 @@ class YOLOv4(Family):
         return profile.layer_table(model, img_size)
 
     def state_dict(self, model):
-        from jaxyolo.export import state_dict as sdmap
+        from jaxyolo.models import state_dict as sdmap
 
         return sdmap.to_state_dict(model)
 
     def load_state_dict(self, model, state, *, source="state_dict"):
-        from jaxyolo.export import state_dict as sdmap
+        from jaxyolo.models import state_dict as sdmap
 
         sdmap.load_state_dict(model, state, source=source)
 

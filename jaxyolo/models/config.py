@@ -1,7 +1,7 @@
 """Model tables: read a reference-style YAML table and resolve it into concrete layer specs.
 
 A table lists layers as ``[from, number, module, args]`` with full-scale channel counts and repeat
-numbers; ``depth_multiple`` and ``width_multiple`` scale them (spec §2 builder rules). Resolving a
+numbers; ``depth_multiple`` and ``width_multiple`` scale them (docs/reference.md §2 builder rules). Resolving a
 table gives every layer its input/output channels, effective repeat count and output stride, so
 the modules, the parameter count and the weight mapping all read from one place.
 """

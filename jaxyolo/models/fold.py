@@ -1,4 +1,4 @@
-"""Fold a trained model into its inference form (spec §5).
+"""Fold a trained model into its inference form (docs/reference.md §5).
 
 1. Implicit head: with the chosen shift a and scale m of each level (the candidates' mean, or one
    candidate pair), out = m ⊙ (W(x + a) + b) = (m ⊙ W) x + m ⊙ (b + W a), so the head becomes a
@@ -8,7 +8,7 @@
 
 The fold works on the reference-named state_dict, so it is the same arithmetic whichever side of
 the PyTorch boundary the weights come from, and its result loads into the fused model through the
-one mapping in `jaxyolo.export.state_dict`.
+one mapping in `jaxyolo.models.state_dict`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Mapping
 import numpy as np
 from flax import nnx
 
-from jaxyolo.export.state_dict import load_state_dict, to_state_dict
+from jaxyolo.models.state_dict import load_state_dict, to_state_dict
 from jaxyolo.models.layers import BN_EPS
 from jaxyolo.models.yolo import YOLO
 

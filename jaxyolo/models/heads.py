@@ -1,4 +1,4 @@
-"""Detection heads: the plain `Detect` head and the implicit head with KST candidates (spec §5).
+"""Detection heads: the plain `Detect` head and the implicit head with KST candidates (docs/reference.md §5).
 
 Implicit head ("IDetect" with K candidates). Per level i the head keeps K shift vectors
 (`ia.i.implicit`, K x C_in) and K scale vectors (`im.i.implicit`, K x na*no) and computes
@@ -92,7 +92,7 @@ class Detect(nnx.Module):
 
 
 def prior_bias(nc: int, na: int, stride: int):
-    """Bias offsets of spec §5: objectness prior of 8 objects per 640² image, class prior 0.6/(nc-0.99)."""
+    """Bias offsets of docs/reference.md §5: objectness prior of 8 objects per 640² image, class prior 0.6/(nc-0.99)."""
     per_anchor = [0.0] * 4 + [math.log(8 / (640 / stride) ** 2)] + [math.log(0.6 / (nc - 0.99))] * nc
     return jnp.asarray(per_anchor * na, jnp.float32)
 

@@ -1,7 +1,7 @@
-"""Building blocks of the YOLOv4 family (spec §2-§3), in Flax NNX.
+"""Building blocks of the YOLOv4 family (docs/reference.md §2-§3), in Flax NNX.
 
 Every module keeps the reference PyTorch attribute names (`conv`, `bn`, `cv1` ... `m`), so the
-path of each variable *is* its PyTorch state_dict key (see `jaxyolo.export.state_dict`), and lists
+path of each variable *is* its PyTorch state_dict key (see `jaxyolo.models.state_dict`), and lists
 the reference's registration order in `TORCH_ORDER` (NNX re-creates modules with their attributes
 sorted, so attribute order cannot carry it). Activations are NHWC; conv weights HWIO.
 
@@ -23,7 +23,7 @@ from jaxyolo.errors import ConfigError
 from jaxyolo.models.conv import conv2d
 from jaxyolo.models.norm import batch_norm_act, norm_act_eval
 
-# BatchNorm settings of the reference after `initialize_weights` (spec §2).
+# BatchNorm settings of the reference after `initialize_weights` (docs/reference.md §2).
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.03  # PyTorch convention: running <- (1 - m) * running + m * batch
 

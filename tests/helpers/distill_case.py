@@ -16,7 +16,7 @@ from helpers import train_case as case
 import jaxyolo
 from jaxyolo import distill as D
 from jaxyolo import hyp as H
-from jaxyolo import train as T
+from jaxyolo import train_step as T
 
 STEPS = case.STEPS
 

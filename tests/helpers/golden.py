@@ -84,7 +84,7 @@ def run(case: str):
     import jaxyolo
     from jaxyolo import distill as D
     from jaxyolo import hyp as H
-    from jaxyolo import train as T
+    from jaxyolo import train_step as T
     from jaxyolo.bench.suites import synthetic_batch
 
     if case == "train":

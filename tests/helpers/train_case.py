@@ -13,7 +13,7 @@ import numpy as np
 
 import jaxyolo
 from jaxyolo import hyp as H
-from jaxyolo import train as T
+from jaxyolo import train_step as T
 from jaxyolo.data.synthetic import synthetic_image
 
 IMG, BATCH, STEPS = 64, 8, 3

@@ -155,15 +155,15 @@ def killable(argv: list[str], env: dict, info: Path, until: str | None = None) -
 
 def _drive(argv: list[str]) -> int:
     from jaxyolo.tools import cli, train_cmd
-    from jaxyolo.trainer import fit
+    from jaxyolo.train_loop import fit
 
     args = cli.build_parser().parse_args(["train"] + argv)
     pause = int(os.environ.get(PAUSE_ENV, "-1"))
     if os.environ.get(KILL_IN_SAVE_ENV):
-        from jaxyolo import trainer
+        from jaxyolo import train_loop
 
         kill_step, delay = os.environ[KILL_IN_SAVE_ENV].split(":")
-        write = trainer._StateStore._write
+        write = train_loop._StateStore._write
 
         def killing_write(self, packed, meta):
             if int(meta["step"]) == int(kill_step):
@@ -171,7 +171,7 @@ def _drive(argv: list[str]) -> int:
                 threading.Timer(float(delay), os.kill, (os.getpid(), signal.SIGKILL)).start()
             write(self, packed, meta)
 
-        trainer._StateStore._write = killing_write
+        train_loop._StateStore._write = killing_write
 
     def progress(info):
         if info["event"] == "step":

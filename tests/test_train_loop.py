@@ -1,4 +1,4 @@
-"""The training run (`jaxyolo.trainer.fit`): exact resume after a real kill, results.csv, the
+"""The training run (`jaxyolo.train_loop.fit`): exact resume after a real kill, results.csv, the
 non-finite stop, and the checks that protect an existing run.
 
 The runs are tiny (yolov4p, 16 synthetic training images of 64 px, batch 8: 2 iterations per epoch,
@@ -8,7 +8,6 @@ The runs are tiny (yolov4p, 16 synthetic training images of 64 px, batch 8: 2 it
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import shutil
@@ -21,9 +20,9 @@ from helpers import train_runs as R
 from helpers.state_files import saved_meta, saved_state
 
 import jaxyolo
-from jaxyolo import train as T
+from jaxyolo import train_step as T
 from jaxyolo.errors import CheckpointError, ConfigError
-from jaxyolo.trainer import TrainingError, TrainOptions, fit
+from jaxyolo.train_loop import TrainingError, TrainOptions, fit
 
 TOTAL = R.EPOCHS * R.NB
 
@@ -45,7 +44,8 @@ def assert_same_weights(a: Path, b: Path):
 
 
 def lr_at(ni: int, epoch: int) -> float:
-    """spec §9: lr of the weight groups at iteration ni (warm-up over max(round(3 * nb), 2) iterations)."""
+    """The lr of the weight groups at iteration ni (docs/reference.md §9; warm-up over max(round(3 * nb), 2)
+    iterations: the reference floors it at 1000, these runs at min_warmup_iters = 2)."""
     lf = ((1 + math.cos(math.pi * epoch / R.EPOCHS)) / 2) * (1 - 0.2) + 0.2
     nw = max(round(3.0 * R.NB), 2)
     return (ni / nw if ni <= nw else 1.0) * 0.01 * lf
@@ -296,7 +296,7 @@ def test_a_run_that_fails_before_its_first_state_leaves_no_half_made_folder(data
                                                                              caplog):
     """The first batch fails to load (any loader error): the error reaches the caller, and the
     folder the run made is emptied, with a warning saying so."""
-    import jaxyolo.trainer as trainer
+    import jaxyolo.train_loop as trainer
 
     def broken(*a, **kw):
         raise ConfigError("img.jpg: image cannot be decoded (broken data stream)")
@@ -315,7 +315,7 @@ def test_a_run_that_fails_before_its_first_state_leaves_no_half_made_folder(data
 def test_saved_state_is_packed_and_read_back_by_path(reference):
     """The state is saved as one vector per dtype; `read_state` (the trainer's reader) and the
     independent reader here give the same named arrays, and the vectors hold nothing else."""
-    from jaxyolo.trainer import read_state
+    from jaxyolo.train_loop import read_state
 
     mine, theirs = read_state(reference / "state"), saved_state(reference, TOTAL)
     la, lb = jax.tree.leaves_with_path(mine), jax.tree.leaves_with_path(theirs)

@@ -3,7 +3,7 @@
 `fit(TrainOptions(...))` trains one detector, or a population of P hyper-parameter sets together
 (`hyps=[...]`), on one dataset:
 
-* the host pipeline (`jaxyolo.data.pipeline`) builds mosaic and single versions of each sample;
+* the host pipeline (`jaxyolo.data.loader`) builds mosaic and single versions of each sample;
   every member augments them on device with its own hyper-parameters;
 * one jitted, vmapped `train_step` per iteration over the ('pop', 'data') mesh; with a `teacher`
   checkpoint, the distillation step (`jaxyolo.distill`) instead: the students' loss gains the
@@ -44,9 +44,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxyolo import distill as D
 from jaxyolo import hyp as H
-from jaxyolo import train as T
+from jaxyolo import train_step as T
 from jaxyolo.augment import augment_host_batch
-from jaxyolo.data.pipeline import ResizedCache, train_batches
+from jaxyolo.data.loader import ResizedCache, train_batches
 from jaxyolo.data.sources import open_dataset
 from jaxyolo.errors import CheckpointError, ConfigError, JaxyoloError
 from jaxyolo.files import atomic_write_text, crc32, quiet_logger, reason
@@ -143,7 +143,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         progress: Callable[[dict], None] | None = None, hooks: T.StepHooks | None = None) -> RunResult:
     """Train (see the module docstring). `hyps`: a population of P hyp sets (default: one, from
     `options.hyp`). `progress` receives dicts with an "event" key: "start", "step", "epoch", "end".
-    `hooks`: a training method's step transforms and extras (`jaxyolo.train.StepHooks`)."""
+    `hooks`: a training method's step transforms and extras (`jaxyolo.train_step.StepHooks`)."""
     options.check()
     out = Path(options.out)
     emit = progress or (lambda info: None)

@@ -11,7 +11,7 @@ member (`jaxyolo.augment`). So every training batch carries BOTH
 
 and the device picks one per member from that member's ``mosaic`` probability.
 
-Reference (spec §9/§11; yolov5 / YOLOR ``utils/datasets.py``): ``load_image``, ``load_mosaic``,
+Reference (docs/reference.md §9/§11; yolov5 / YOLOR ``utils/datasets.py``): ``load_image``, ``load_mosaic``,
 ``letterbox``. Deviations, all deliberate:
 
 - Resizing uses PIL, not OpenCV. Shrinking for evaluation (``augment=False``) uses ``Image.BOX``

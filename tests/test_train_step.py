@@ -12,7 +12,7 @@ from helpers import train_case as case
 from helpers.train_runs import run_on_eight_devices
 
 from jaxyolo import hyp as H
-from jaxyolo import train as T
+from jaxyolo import train_step as T
 from jaxyolo.models import norm
 
 

@@ -15,7 +15,7 @@ a pure function of pytrees, so
 `update` (schedule, SGD, accumulation, EMA, non-finite skip) from a loss and its gradients; the
 train step here and the distillation step are thin functions around it.
 
-The optimiser, schedule and EMA are the reference's (spec §9), written as array arithmetic on the
+The optimiser, schedule and EMA are the reference's (docs/reference.md §9), written as array arithmetic on the
 step counter so that every hyper-parameter can differ between members:
 
 * SGD with Nesterov momentum, three parameter groups: BN weights and implicit vectors (no weight
@@ -143,8 +143,8 @@ def init_state(detector, aux_params=None) -> TrainState:
     """The state of one member, from a detector's current weights (EMA starts as a copy).
     `aux_params`: extra trainable parameters (a pytree of arrays) that the step updates with the
     same optimiser but that are no part of the detector (e.g. distillation adapters)."""
-    detector._require_values("train")
-    _, params, stats = _split(detector.model)
+    detector.require_weights("train")
+    _, params, stats = split_model(detector.model)
     copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, jnp.float32), tree)
     i32 = lambda v: jnp.asarray(v, jnp.int32)
     aux = None
@@ -196,7 +196,7 @@ def member(tree, i: int):
 
 def param_groups(detector) -> Any:
     """A pytree like the params of Python ints: the reference's optimiser group of each leaf."""
-    _, params, _ = _split(detector.model)
+    _, params, _ = split_model(detector.model)
     bn_paths = {tuple(path) for path, node in nnx.iter_graph(detector.model) if isinstance(node, L.BatchNorm2d)}
 
     def group(path, _):
@@ -296,7 +296,7 @@ class StepCore:
 
     def __init__(self, detector, config: TrainConfig, augment_fn: Callable | None = None,
                  hooks: StepHooks | None = None):
-        self.graphdef = _split(detector.model)[0]
+        self.graphdef = split_model(detector.model)[0]
         self.hooks = hooks or StepHooks()
         self.spec = detector.spec
         self.family = detector.family
@@ -398,7 +398,7 @@ def make_train_step(detector, config: TrainConfig, *, augment_fn: Callable | Non
     """The pure step for `detector`'s architecture: (state, batch, hyp, key) -> (state, metrics).
 
     `batch` (numpy or device arrays): with `config.augment`, the host pipeline's mosaic and single
-    versions (see `jaxyolo.data.pipeline`) which `augment_fn` (default `jaxyolo.augment.augment_host_batch`)
+    versions (see `jaxyolo.data.loader`) which `augment_fn` (default `jaxyolo.augment.augment_host_batch`)
     turns into this member's images and targets; without, `image` (B, S, S, 3) uint8 or float in
     [0, 1] with `boxes`, `classes`, `mask`. `hooks`: a training method's transforms (`StepHooks`).
     """
@@ -504,17 +504,19 @@ def ema_detector(detector, state: TrainState, *, ema: bool = True):
     """A Detector carrying the (EMA) weights of one member's state."""
     from jaxyolo.api import Detector
 
-    graphdef = _split(detector.model)[0]
+    graphdef = split_model(detector.model)[0]
     if ema:
         params = jax.tree.map(lambda e, p: jnp.asarray(e, p.dtype), state.ema_params, state.params)
         stats = jax.tree.map(lambda e, s: jnp.asarray(e, s.dtype), state.ema_stats, state.stats)
     else:
         params = jax.tree.map(jnp.asarray, state.params)
         stats = jax.tree.map(jnp.asarray, state.stats)
-    return Detector(nnx.merge(graphdef, params, stats), detector.table, detector.names, detector.training)
+    return detector.with_model(nnx.merge(graphdef, params, stats))
 
 
-def _split(model):
+def split_model(model):
+    """(graphdef, params, stats) of a detector's module: the two kinds of state a step trains and
+    updates. Other variables are refused (a method's own arrays live in `TrainState.extras`)."""
     graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     if jax.tree.leaves(rest):
         raise ConfigError("model has state that is neither a parameter nor a BatchNorm statistic")
