@@ -403,13 +403,13 @@ def _initial_detector(options: TrainOptions, nc: int, anchors=None):
             raise ConfigError(f"weights {w}: {det.num_classes} classes, the data has {nc}")
         return det
     return jaxyolo.create_model(options.model, num_classes=nc, anchors=anchors, seed=options.seed,
-                                **_model_options(options))
+                                **model_options(options))
 
 
 MODEL_OPTIONS = ("head", "kst", "kst_draw", "act", "dtype")  # TrainOptions fields that are model options
 
 
-def _model_options(options: TrainOptions) -> dict:
+def model_options(options: TrainOptions) -> dict:
     """The model options of `options` that its model's family takes. One it does not take is an
     error when set away from its default (a YOLOv4 head setting asked of another family)."""
     from jaxyolo import families

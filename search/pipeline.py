@@ -48,6 +48,8 @@ from jaxyolo.search.stages import DEPENDS, STAGES, UNITS
 log = logging.getLogger("jaxyolo.pipeline")
 
 FORMAT = "jaxyolo-pipeline/1"
+# the keys of a pipeline's `search` section that set the trials' training (the rest: the search's own)
+SEARCH_TRAIN_KEYS = ("img_size", "batch_size", "nominal_batch", "min_warmup_iters", "subset")
 SEARCH_KEYS = ("space", "population", "generations", "trial_epochs", "subset", "grid_dims", "grid_step",
                "img_size", "batch_size", "nominal_batch", "min_warmup_iters", "parent", "elite", "top_n", "mp",
                "sigma")
@@ -218,7 +220,7 @@ def _resolve_data(value: str, base: Path) -> str:
 def plan(cfg: PipelineConfig, out: str | Path) -> dict[str, dict]:
     """What each unit runs, by unit name (see `UNITS`): train units carry TrainOptions (their `hyp`
     names the row hyp sets, resolved when the unit starts), search units SearchOptions."""
-    from jaxyolo.search.runner import SearchOptions
+    from jaxyolo.search.runner import SearchOptions, trial_defaults
     from jaxyolo.train_loop import TrainOptions
     from jaxyolo.validate import DEFAULT_IOU_TEST
 
@@ -241,9 +243,9 @@ def plan(cfg: PipelineConfig, out: str | Path) -> dict[str, dict]:
     def search(unit, model):
         s = {"population": 8, "generations": 4, "trial_epochs": 3, "grid_dims": 2, "img_size": cfg.img_size,
              "batch_size": cfg.batch_size, "nominal_batch": cfg.nominal_batch, **cfg.search}
-        o = SearchOptions(model=model["model"], head=model["head"], kst=model["kst"],
-                          data=cfg.search_data or cfg.data, hyp=cfg.hyp, out=str(out / "stages" / unit / "search"),
-                          workers=cfg.workers, seed=0, **s)
+        trial = trial_defaults(**model, data=cfg.search_data or cfg.data, hyp=cfg.hyp, workers=cfg.workers, seed=0,
+                               **{k: s.pop(k) for k in SEARCH_TRAIN_KEYS if k in s})
+        o = SearchOptions(train=trial, out=str(out / "stages" / unit / "search"), seed=0, **s)
         o.check()
         return {"kind": "search", "rows": {unit: unit}, "options": o}
 
@@ -434,7 +436,7 @@ def _search_stage(options, emit) -> dict:
     resume = folder.exists() and any(folder.iterdir())
     res = run_search(options, resume=resume, evaluate=train_evaluator(options, progress=emit), progress=emit)
     b = res.best
-    return {"kind": "search", "model": options.model, "trials": len(res.trials), "best_hyp": res.best_hyp,
+    return {"kind": "search", "model": options.train.model, "trials": len(res.trials), "best_hyp": res.best_hyp,
             "best": {k: b[k] for k in ("phase", "generation", "member", "fitness", "metrics")},
             "start_fitness": res.trials[0]["fitness"], "folder": str(folder)}
 

@@ -43,32 +43,36 @@ from jaxyolo.errors import ConfigError
 from jaxyolo.files import atomic_write_text, read_document
 from jaxyolo.search import evolve, trend
 from jaxyolo.search.space import SearchSpace
+from jaxyolo.train_loop import TrainOptions
 
 log = logging.getLogger("jaxyolo.search")
 
-LOG_FORMAT = "jaxyolo-search/1"
+LOG_FORMAT = "jaxyolo-search/2"  # 2: the trials' settings are `train.*` (SearchOptions.train)
 PHASES = ("evolve", "grid", "final")
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
+def trial_defaults(**kw) -> TrainOptions:
+    """The trials' training settings where a search gives none: batch 16, and no floor on warm-up
+    iterations (the reference floors it at 1000; in short trials that floor would hide the searched
+    warmup_epochs entirely). `kw` sets any other TrainOptions field."""
+    return TrainOptions(**{"batch_size": 16, "min_warmup_iters": 0, **kw})
+
+
 @dataclasses.dataclass
 class SearchOptions:
-    model: str = "yolov4s"
-    data: str = "synthetic"
+    """A search: its own settings, and by composition the training settings of its trials
+    (`train`, a TrainOptions; the search sets each trial's `epochs`, `out`, `eval_every`, `plots`
+    and `save_weights`). `seed` drives the evolution; the trials train with `train.seed`."""
+
+    train: TrainOptions = dataclasses.field(default_factory=trial_defaults)
     space: str = "default"  # a bundled search space name or a YAML path
-    hyp: str | None = None  # base hyp for keys outside the space (default: the bundled default)
-    weights: str | None = None  # every trial starts from these weights (a fine-tuning search)
-    teacher: str | None = None  # every trial distils from this checkpoint (search the kd_* weights in the space)
-    kd_features: bool = False
     population: int = 16
     generations: int = 10
     trial_epochs: int = 3
-    subset: int | None = None  # train each trial on the first N training images (multi-fidelity)
     grid_dims: int = 4
     grid_step: float = 0.1  # grid spacing in normalised units (fraction of each range)
     final_epochs: int = 0  # retrain the winner this long (0: no final run)
-    img_size: int = 640
-    batch_size: int = 16
     out: str = "runs/search/exp"
     seed: int = 0
     parent: str = "single"  # "single" | "weighted" (the reference's parent selection)
@@ -76,17 +80,12 @@ class SearchOptions:
     mp: float = 0.8  # per-hyp mutation probability
     sigma: float = 0.2
     elite: int = 0  # children that are mutations of the single best trial
-    kst: int = 3
-    head: str = "implicit"
-    workers: int = 0
-    nominal_batch: int = 64
-    # The reference floors warm-up at 1000 iterations; in short trials that floor would hide the
-    # searched warmup_epochs entirely, so trials use warmup_epochs alone unless told otherwise.
-    min_warmup_iters: int = 0
-    mesh_pop: int | None = None
 
     def check(self) -> None:
-        for name in ("population", "generations", "trial_epochs", "batch_size", "img_size"):
+        if not isinstance(self.train, TrainOptions):
+            raise ConfigError(f"train: expected TrainOptions, got {type(self.train).__name__}")
+        self.train.check()
+        for name in ("population", "generations", "trial_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.grid_dims < 0 or self.final_epochs < 0:
@@ -106,25 +105,19 @@ class SearchResult:
 
 
 # An evaluator trains a population: (hyps, tag, epochs or None for trial_epochs) -> one dict per
-# member with "fitness", "metrics" ({AP, AP50, ...}) and "curves" ({"local": (E, L, 3),
-# "global": (E, 3)} validation losses per epoch).
+# member with "fitness", "metrics" ({AP, AP50, ...}) and "curves" ({"local": (E, L, T),
+# "global": (E, T), "terms": the T loss terms' names (default box, obj, cls)} validation losses per epoch).
 Evaluator = Callable[[Sequence[dict], str, "int | None"], list[dict]]
 
 
 def train_evaluator(options: SearchOptions, progress: Callable[[dict], None] | None = None) -> Evaluator:
     """Train each population with `fit` in `out/trials/<tag>` (resumed exactly if interrupted)."""
-    from jaxyolo.train_loop import TrainOptions, fit
+    from jaxyolo.train_loop import fit
 
     def evaluate(hyps: Sequence[dict], tag: str, epochs: int | None = None) -> list[dict]:
         folder = Path(options.out) / "trials" / tag
-        topts = TrainOptions(model=options.model, data=options.data, weights=options.weights,
-                             hyp=options.hyp or H.DEFAULT_FILE, img_size=options.img_size,
-                             batch_size=options.batch_size, epochs=epochs or options.trial_epochs, out=str(folder),
-                             seed=options.seed, head=options.head, kst=options.kst, workers=options.workers,
-                             nominal_batch=options.nominal_batch, min_warmup_iters=options.min_warmup_iters,
-                             eval_every=1, subset=options.subset, mesh_pop=options.mesh_pop,
-                             teacher=options.teacher, kd_features=options.kd_features, plots=False,
-                             save_weights=False)
+        topts = dataclasses.replace(options.train, epochs=epochs or options.trial_epochs, out=str(folder),
+                                    eval_every=1, plots=False, save_weights=False)
         resume = folder.exists() and any(folder.iterdir())
         # every phase trains a multiple of the evolution's population (the grid's smaller or odd
         # sizes repeat their last member): one compiled step serves all phases, and with the run
@@ -139,12 +132,14 @@ def train_evaluator(options: SearchOptions, progress: Callable[[dict], None] | N
 def _member_result(history: list[dict], m: int, pop: int) -> dict:
     rows = sorted((r for r in history if pop == 1 or r.get("member") == m), key=lambda r: r["epoch"])
     levels = sorted({k.split("/")[1] for k in rows[-1] if k.startswith("val/P")})
-    local = np.array([[[r[f"val/{lvl}/{t}"] for t in ("box", "obj", "cls")] for lvl in levels] for r in rows])
-    glob = np.array([[r[f"val/{t}"] for t in ("box", "obj", "cls")] for r in rows])
+    # the family's loss terms, in the order the run wrote them (val/<level>/<term>)
+    terms = [k.split("/")[2] for k in rows[-1] if k.startswith(f"val/{levels[0]}/")]
+    local = np.array([[[r[f"val/{lvl}/{t}"] for t in terms] for lvl in levels] for r in rows])
+    glob = np.array([[r[f"val/{t}"] for t in terms] for r in rows])
     last = rows[-1]
     return {"fitness": float(last["fitness"]),
             "metrics": {k: float(last[f"metrics/{k}"]) for k in METRIC_KEYS},
-            "curves": {"local": local.tolist(), "global": glob.tolist()}}
+            "curves": {"local": local.tolist(), "global": glob.tolist(), "terms": terms}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,7 +176,10 @@ class SearchLog:
 def _meta(options: SearchOptions, space: SearchSpace) -> dict:
     o = dataclasses.asdict(options)
     o.pop("out")
-    o.pop("workers")
+    train = o.pop("train")
+    for k in ("out", "workers", "plots", "save_weights", "eval_every", "eval_batch_size", "cache_mb"):
+        train.pop(k)
+    o.update({f"train.{k}": v for k, v in train.items()})  # one level, so a difference names its field
     return {"options": o, "space": space.to_dict()}
 
 
@@ -194,7 +192,7 @@ def run_search(options: SearchOptions, *, resume: bool = False, evaluate: Evalua
     """
     options.check()
     space = SearchSpace.load(options.space)
-    base = H.load_hyp(options.hyp)
+    base = H.load_hyp(options.train.hyp)
     out = Path(options.out)
     store = SearchLog(out, space)
     meta = _meta(options, space)
@@ -215,7 +213,7 @@ def run_search(options: SearchOptions, *, resume: bool = False, evaluate: Evalua
     out.mkdir(parents=True, exist_ok=True)
     emit = progress or (lambda info: None)
     evaluate = evaluate or train_evaluator(options)
-    start_vec = space.start_vector()  # the space's `start` values; `options.hyp` fills the other keys
+    start_vec = space.start_vector()  # the space's `start` values; `options.train.hyp` fills the other keys
 
     def done(phase: str, generation: int) -> bool:
         return any(t["phase"] == phase and t["generation"] == generation for t in trials)
@@ -296,7 +294,8 @@ def grid_population(trials: list[dict], space: SearchSpace, base: dict, options:
     curves = best.get("curves")
     if curves and len(curves["global"]) >= 2:
         derived, why = trend.loss_weight_grid(np.asarray(curves["local"]), np.asarray(curves["global"]),
-                                              best["hyp"], space=space)
+                                              best["hyp"], space=space,
+                                              terms=curves.get("terms", trend.OBJECTIVES))
     with_weights = []
     if derived:
         for p in [vecs[best_i]] + points:

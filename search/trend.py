@@ -251,14 +251,15 @@ def _term(curve, run_length: int, kw: Mapping) -> dict:
 def loss_weight_grid(local_curves, global_curves, base_hyp: Mapping, *, space: SearchSpace | None = None,
                      steps: Sequence[float] = (0.0, 0.5, 1.0), factor_clip: tuple[float, float] = (0.5, 2.0),
                      level_term: str = "total", window: int = 5, rel_tol: float = 0.02, noise_z: float = 3.0,
-                     tail: float = 0.2) -> tuple[dict[str, list[float]], dict[str, dict]]:
+                     tail: float = 0.2, terms: Sequence[str] = OBJECTIVES
+                     ) -> tuple[dict[str, list[float]], dict[str, dict]]:
     """Candidate loss weights from validation loss curves (paper §4.3, Fig. 6).
 
-    local_curves (E, L, 3): per level [box, obj, cls] validation losses; global_curves (E, 3):
-    [box, obj, cls]. Two groups: the levels (-> `balance.i`, from each level's `level_term`
-    curve: 'total' = box + obj + cls of the level, as in Fig. 6's per-pyramid loss, or 'obj',
-    the only term `balance` weights in the loss) and the objectives (-> `box`, `obj`, `cls`
-    gains, from the global curves).
+    local_curves (E, L, T): per level the validation loss of each of the family's `terms` (YOLOv4:
+    box, obj, cls); global_curves (E, T). A term's gain is the hyp key of its name. Two groups:
+    the levels (-> `balance.i`, from each level's `level_term` curve: 'total' = the sum of the
+    level's terms, as in Fig. 6's per-pyramid loss, or 'obj', the only term `balance` weights in
+    the YOLOv4 loss) and the objectives (-> the terms' gains, from the global curves).
 
     Rule, per term i of a group: its useful length t_i = m_i + 1 when it over-fits from epoch
     m_i (`overfit_epoch`), 2E when it is still falling at the end (`still_falling`; it would use
@@ -274,14 +275,16 @@ def loss_weight_grid(local_curves, global_curves, base_hyp: Mapping, *, space: S
     explanation {name: {'curve', 'state', 'overfit_epoch', 'still_falling', 't', 't_median',
     'factor', 'base', 'candidates', 'reason'}} for the report.
     """
+    terms = tuple(terms)
+    nt = len(terms)
     loc = np.asarray(local_curves, np.float64)
     glo = np.asarray(global_curves, np.float64)
-    if loc.ndim != 3 or loc.shape[2] != 3:
-        raise ValueError(f"local_curves: expected (epochs, levels, 3), got {loc.shape}")
-    if glo.ndim != 2 or glo.shape[1] != 3 or glo.shape[0] != loc.shape[0]:
-        raise ValueError(f"global_curves: expected ({loc.shape[0]}, 3), got {glo.shape}")
-    if level_term not in ("total", "obj"):
-        raise ConfigError(f"loss_weight_grid: level_term {level_term!r}: expected 'total' or 'obj'")
+    if loc.ndim != 3 or loc.shape[2] != nt:
+        raise ValueError(f"local_curves: expected (epochs, levels, {nt}), got {loc.shape}")
+    if glo.ndim != 2 or glo.shape[1] != nt or glo.shape[0] != loc.shape[0]:
+        raise ValueError(f"global_curves: expected ({loc.shape[0]}, {nt}), got {glo.shape}")
+    if level_term != "total" and level_term not in terms:
+        raise ConfigError(f"loss_weight_grid: level_term {level_term!r}: expected 'total' or one of {terms}")
     e, nl = loc.shape[:2]
     balance = list(base_hyp["balance"])
     if len(balance) != nl:
@@ -289,10 +292,10 @@ def loss_weight_grid(local_curves, global_curves, base_hyp: Mapping, *, space: S
     kw = {"window": window, "rel_tol": rel_tol, "noise_z": noise_z, "tail": tail}
     groups = [
         ([f"balance.{i}" for i in range(nl)],
-         [loc[:, i].sum(-1) if level_term == "total" else loc[:, i, 1] for i in range(nl)],
+         [loc[:, i].sum(-1) if level_term == "total" else loc[:, i, terms.index(level_term)] for i in range(nl)],
          [float(b) for b in balance], [f"P{i + 3} {level_term} loss" for i in range(nl)]),
-        (list(OBJECTIVES), [glo[:, k] for k in range(3)], [float(base_hyp[k]) for k in OBJECTIVES],
-         [f"global {k} loss" for k in OBJECTIVES]),
+        (list(terms), [glo[:, k] for k in range(nt)], [float(base_hyp[k]) for k in terms],
+         [f"global {k} loss" for k in terms]),
     ]
     values: dict[str, list[float]] = {}
     explain: dict[str, dict] = {}
@@ -345,7 +348,7 @@ def apply_loss_weights(hyp: Mapping, values: Mapping[str, Sequence[float]], step
 def loss_grid_vectors(best_vector, values: Mapping[str, Sequence[float]], space: SearchSpace,
                       exclude=None) -> tuple[np.ndarray, dict]:
     """Vectors from `loss_weight_grid` candidates: the levels group (`balance.*`) and the
-    objectives group (`box`, `obj`, `cls`) each move together along their step index (index j
+    objectives group (the loss terms' gains, e.g. `box`, `obj`, `cls`) each move together along their step index (index j
     of every candidate list = steps[j]); the grid is the full factorial over (level step, objective
     step), e.g. 3 x 3 = 9 points with the best (step 0, 0) first. Names not in the space are
     ignored; then `space.clip`, duplicates and `exclude` dropped. Returns (vectors, description)."""
@@ -353,7 +356,7 @@ def loss_grid_vectors(best_vector, values: Mapping[str, Sequence[float]], space:
     if best.shape != (space.dim,):
         raise ValueError(f"loss_grid_vectors: best_vector must have shape ({space.dim},), got {best.shape}")
     groups = [[n for n in values if n.startswith("balance.") and n in space],
-              [n for n in OBJECTIVES if n in values and n in space]]
+              [n for n in values if not n.startswith("balance.") and n in space]]
     sizes = [max((len(values[n]) for n in g), default=1) for g in groups]
     excl = set()
     if exclude is not None and np.size(exclude):

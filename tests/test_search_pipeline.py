@@ -77,7 +77,7 @@ def test_bundled_configs_load_and_the_coco_plan_is_the_papers(tmp_path):
     assert steps["DE"]["rows"] == {"D": "default", "E": "JHS_s"}
     # the teacher of F is C's seed-0 member: B's members come first in the BC population
     assert f.teacher == str(PL.weights_folder(Path(bc.out), cfg.seeds, 2 * cfg.seeds))
-    assert steps["jhs_s"]["options"].model == "yolov4s" and steps["jhs_l"]["options"].model == "yolov4l"
+    assert steps["jhs_s"]["options"].train.model == "yolov4s" and steps["jhs_l"]["options"].train.model == "yolov4l"
     assert Path(cfg.data).is_absolute() and cfg.data.endswith("configs/data/coco.yaml")
 
 

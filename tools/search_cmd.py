@@ -46,16 +46,16 @@ def add_parser(subparsers):
 
 
 def options_from_args(args):
-    from jaxyolo.search.runner import SearchOptions
+    from jaxyolo.search.runner import SearchOptions, trial_defaults
 
-    return SearchOptions(model=args.model, data=args.data, space=args.space, hyp=args.hyp, weights=args.weights,
-                         teacher=args.teacher, kd_features=args.kd_features,
-                         population=args.population,
-                         generations=args.generations, trial_epochs=args.trial_epochs, subset=args.subset,
-                         grid_dims=args.grid_dims, grid_step=args.grid_step, final_epochs=args.final_epochs,
-                         img_size=args.img, batch_size=args.batch, kst=args.kst, parent=args.parent,
-                         elite=args.elite, seed=args.seed, workers=args.workers, nominal_batch=args.nominal_batch,
-                         min_warmup_iters=args.min_warmup_iters, out=args.out)
+    train = trial_defaults(model=args.model, data=args.data, hyp=args.hyp or "default", weights=args.weights,
+                           teacher=args.teacher, kd_features=args.kd_features, subset=args.subset, img_size=args.img,
+                           batch_size=args.batch, kst=args.kst, seed=args.seed, workers=args.workers,
+                           nominal_batch=args.nominal_batch, min_warmup_iters=args.min_warmup_iters)
+    return SearchOptions(train=train, space=args.space, population=args.population, generations=args.generations,
+                         trial_epochs=args.trial_epochs, grid_dims=args.grid_dims, grid_step=args.grid_step,
+                         final_epochs=args.final_epochs, parent=args.parent, elite=args.elite, seed=args.seed,
+                         out=args.out)
 
 
 def estimate_seconds(options) -> dict:
@@ -66,12 +66,15 @@ def estimate_seconds(options) -> dict:
 
     import jaxyolo
     from jaxyolo.data.sources import open_dataset
+    from jaxyolo.train_loop import model_options
 
-    train, val = open_dataset(options.data, "train"), open_dataset(options.data, "val")
-    n_train = min(len(train), options.subset or len(train))
-    nb = max(n_train // options.batch_size, 1)
-    det = jaxyolo.create_model(options.model, num_classes=train.num_classes, kst=options.kst)
-    x = np.random.default_rng(0).uniform(0, 1, (options.batch_size, options.img_size, options.img_size, 3))
+    tr = options.train
+    train, val = open_dataset(tr.data, "train"), open_dataset(tr.data, "val")
+    n_train = min(len(train), tr.subset or len(train))
+    nb = max(n_train // tr.batch_size, 1)
+    det = jaxyolo.create_model(tr.model, num_classes=train.num_classes, anchors=None, seed=0,
+                               **model_options(tr))
+    x = np.random.default_rng(0).uniform(0, 1, (tr.batch_size, tr.img_size, tr.img_size, 3))
     x = jax.numpy.asarray(x, jax.numpy.float32)
     t = time.perf_counter()
     jax.block_until_ready(det(x))
@@ -79,7 +82,7 @@ def estimate_seconds(options) -> dict:
     t = time.perf_counter()
     jax.block_until_ready(det(x))
     fwd = time.perf_counter() - t
-    per_image = fwd / options.batch_size
+    per_image = fwd / tr.batch_size
     populations = options.generations + (1 if options.grid_dims else 0)
     per_pop = options.trial_epochs * (nb * 3.5 * fwd * options.population
                                       + len(val) * per_image * options.population) + 4 * compile_fwd

@@ -63,11 +63,18 @@ class SyntheticEvaluator:
 
 
 def options(out, **kw):
-    from jaxyolo.search.runner import SearchOptions
+    """SearchOptions for the tests; keywords that are TrainOptions fields set the trials' training
+    (`seed` sets both the search's and the trials')."""
+    import dataclasses
+
+    from jaxyolo.search.runner import SearchOptions, trial_defaults
+    from jaxyolo.train_loop import TrainOptions
 
     kw = {"model": "yolov4p", "data": "synthetic", "space": SPACE, "population": 8, "generations": 4,
           "trial_epochs": EPOCHS, "grid_dims": 2, "out": str(out), "seed": 3, **kw}
-    return SearchOptions(**kw)
+    train_fields = {f.name for f in dataclasses.fields(TrainOptions)} - {"out", "epochs"}
+    train = trial_defaults(**{k: v for k, v in kw.items() if k in train_fields})
+    return SearchOptions(train=train, **{k: v for k, v in kw.items() if k not in train_fields or k == "seed"})
 
 
 def _main(argv):
