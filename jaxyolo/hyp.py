@@ -70,10 +70,12 @@ def available() -> list[str]:
 
 
 def load_hyp(source: str | Path | Mapping | None = None, *, num_levels: int = 3,
-             overrides: Mapping | None = None) -> dict[str, float | list]:
+             overrides: Mapping | None = None, family=None) -> dict[str, float | list]:
     """Read a hyp file (a bundled name such as 'default', a path, or a dict) into plain Python
     values, checked: missing keys take the bundled default, unknown keys are an error naming
-    them, out-of-range values are an error naming the key."""
+    them, out-of-range values are an error naming the key. `family` (a `jaxyolo.families.Family`)
+    adds the keys its loss reads beyond these (`Family.hyp_defaults`), with their defaults."""
+    extra = dict(getattr(family, "hyp_defaults", None) or {})
     defaults = _read(DEFAULT_FILE)
     if source is None:
         raw, where = {}, "defaults"
@@ -84,9 +86,9 @@ def load_hyp(source: str | Path | Mapping | None = None, *, num_levels: int = 3,
     raw = {**raw, **(overrides or {})}
     if "giou" in raw and "box" not in raw:  # the 2020 name of the box gain
         raw["box"] = raw.pop("giou")
-    unknown = sorted(set(raw) - set(KEYS) - set(IGNORED) - set(RECIPE_DEFAULTS) - {"fl_gamma", "giou"})
+    unknown = sorted(set(raw) - set(KEYS) - set(extra) - set(IGNORED) - set(RECIPE_DEFAULTS) - {"fl_gamma", "giou"})
     if unknown:
-        raise ConfigError(f"{where}: unknown hyper-parameter(s) {unknown}; known: {sorted(KEYS)}")
+        raise ConfigError(f"{where}: unknown hyper-parameter(s) {unknown}; known: {sorted(KEYS) + sorted(extra)}")
     if float(raw.get("fl_gamma", 0.0) or 0.0) != 0.0:
         raise ConfigError(f"{where}: fl_gamma={raw['fl_gamma']}: focal loss is not supported (use 0.0)")
     out: dict = {}
@@ -102,6 +104,14 @@ def load_hyp(source: str | Path | Mapping | None = None, *, num_levels: int = 3,
         lo, hi = RANGES[k]
         vals = v if isinstance(v, list) else [v]
         if not all(np.isfinite(x) and lo <= x <= hi for x in vals):
+            raise ConfigError(f"{where}: {k}={v} is outside [{lo}, {hi}]")
+        out[k] = v
+    for k, (default, (lo, hi)) in extra.items():
+        try:
+            v = float(raw.get(k, default))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {k}: expected a number, got {raw.get(k)!r}") from None
+        if not (np.isfinite(v) and lo <= v <= hi):
             raise ConfigError(f"{where}: {k}={v} is outside [{lo}, {hi}]")
         out[k] = v
     return out
@@ -154,7 +164,7 @@ def loss_gains(hyp: Mapping, *, nc: int, img_size: int, rule: str) -> dict:
       the same for 5 classes as for 80.
     * "reference" (docs/reference.md §9): cls × nc / 80, which keeps each class logit's gradient at its 80-class
       value: with 5 classes the class term weighs 1/16 of "per-class", and the class head of a
-      small dataset barely learns (README, "Training recipe").
+      small dataset barely learns (docs/training.md, "Training recipe").
     * "yolov5": the reference's, and obj × (img_size / 640)² as yolov5 / ultralytics scale it.
     """
     if rule not in GAIN_RULES:
@@ -183,14 +193,25 @@ def _read(source: str | Path) -> dict:
 
 def as_arrays(hyp: Mapping) -> dict:
     """Plain values -> the pytree the train step takes (float32 scalars, balance (levels,))."""
-    return {k: jnp.asarray(hyp[k], jnp.float32) for k in KEYS}
+    return {k: jnp.asarray(hyp[k], jnp.float32) for k in _keys(hyp)}
 
 
 def stack(hyps: Sequence[Mapping]) -> dict:
     """A population: P hyp sets -> one pytree with a leading axis P."""
     if not hyps:
         raise ConfigError("a population needs at least one hyp set")
-    return {k: jnp.asarray(np.stack([np.asarray(h[k], np.float32) for h in hyps])) for k in KEYS}
+    return {k: jnp.asarray(np.stack([np.asarray(h[k], np.float32) for h in hyps])) for k in _keys(hyps[0])}
+
+
+def ranges(family=None) -> dict[str, tuple[float, float]]:
+    """The sanity bounds of every key: the shared `RANGES` and those of `family`'s own keys."""
+    own = getattr(family, "hyp_defaults", None) or {}
+    return {**RANGES, **{k: bounds for k, (_, bounds) in own.items()}}
+
+
+def _keys(hyp: Mapping) -> tuple[str, ...]:
+    """The step's keys of a loaded hyp set: the shared ones, then those its family added."""
+    return KEYS + tuple(k for k in hyp if k not in KEYS)
 
 
 def to_yaml(hyp: Mapping) -> str:

@@ -165,7 +165,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         D.check_compatible(det, teacher)
     det.names = tuple(train_ds.names)
     nl = len(det.spec.strides)
-    hyp_list = [H.load_hyp(h, num_levels=nl) for h in (hyps or [options.hyp])]
+    hyp_list = [H.load_hyp(h, num_levels=nl, family=det.family) for h in (hyps or [options.hyp])]
     if teacher is not None and D.kd_weights_zero(hyp_list):
         log.warning("teacher %s: every kd_* weight of the hyp set(s) is 0, so distillation adds nothing "
                     "(set kd_obj, kd_cls, kd_box or kd_feat in the hyp file)", options.teacher)
@@ -413,10 +413,9 @@ def model_options(options: TrainOptions) -> dict:
     """The model options of `options` that its model's family takes. One it does not take is an
     error when set away from its default (a YOLOv4 head setting asked of another family)."""
     from jaxyolo import families
-    from jaxyolo.models.config import load_table
 
-    name, table = load_table(options.model)
-    family = families.of_table(table, f"model {name!r}")
+    family = families.of_model(options.model)
+    name = options.model
     known = {f.name for f in dataclasses.fields(family.options_type)}
     defaults = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
     out = {}

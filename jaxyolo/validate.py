@@ -158,7 +158,8 @@ def validate(detector, dataset: DetectionDataset, *, img_size: int | None = None
     kw.setdefault("gain_rule", (training.get("recipe") or {}).get("gain_rule", H.RECIPE_DEFAULTS["gain_rule"]))
     graphdef, params, stats = nnx.split(detector.model, nnx.Param, nnx.BatchStat)
     add = lambda t: jax.tree.map(lambda x: x[None], t)  # noqa: E731
-    hp = H.as_arrays(H.load_hyp(hyp if hyp is not None else training.get("hyp"), num_levels=len(detector.spec.strides)))
+    hp = H.as_arrays(H.load_hyp(hyp if hyp is not None else training.get("hyp"), num_levels=len(detector.spec.strides),
+                                family=detector.family))
     return validate_population(graphdef, detector.spec, add(params), add(stats), add(hp), dataset,
                                img_size=img_size, batch_size=batch_size, conf_thres=conf_thres,
                                iou_thres=iou_thres, **kw)[0]

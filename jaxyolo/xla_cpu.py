@@ -9,7 +9,7 @@ jaxyolo keeps YNNPACK for those and leaves convolutions to XLA:
     --xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE,
         LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_ELTWISE
 
-(`jaxyolo bench --suite train` measures the step; the README's benchmark section has the figures:
+(`jaxyolo bench --suite train` measures the step; docs/benchmarks.md has the figures:
 JAX / PyTorch 0.97 with the flag on an AVX2 CPU; 1.22 with it against 1.68 without on an AVX-512
 one, so it is applied whatever the CPU's features.)
 The flag only concerns the CPU backend. It is not applied when `XLA_FLAGS` already sets

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxyolo import families
 from jaxyolo import hyp as H
 from jaxyolo.errors import ConfigError
 from jaxyolo.files import atomic_write_text, read_document
@@ -66,7 +67,7 @@ class SearchOptions:
     and `save_weights`). `seed` drives the evolution; the trials train with `train.seed`."""
 
     train: TrainOptions = dataclasses.field(default_factory=trial_defaults)
-    space: str = "default"  # a bundled search space name or a YAML path
+    space: str | None = None  # a bundled search space name or a YAML path (None: the model family's)
     population: int = 16
     generations: int = 10
     trial_epochs: int = 3
@@ -191,8 +192,10 @@ def run_search(options: SearchOptions, *, resume: bool = False, evaluate: Evalua
     dicts with an "event" key: "population" (before), "done" (after each population), "end".
     """
     options.check()
-    space = SearchSpace.load(options.space)
-    base = H.load_hyp(options.train.hyp)
+    family = families.of_model(options.train.model)
+    space = SearchSpace.load(options.space or family.search_space, family=family)
+    levels = _levels(options.train.model, family)
+    base = H.load_hyp(options.train.hyp, family=family, num_levels=levels)
     out = Path(options.out)
     store = SearchLog(out, space)
     meta = _meta(options, space)
@@ -222,7 +225,7 @@ def run_search(options: SearchOptions, *, resume: bool = False, evaluate: Evalua
         for m, (v, r) in enumerate(zip(vectors, results)):
             trials.append({"phase": phase, "generation": generation, "member": m,
                            "params": dict(zip(space.names, (float(x) for x in v))),
-                           "hyp": space.hyp_from_vector(v, base=base), "fitness": _finite(r["fitness"]),
+                           "hyp": space.hyp_from_vector(v, base=base, family=family), "fitness": _finite(r["fitness"]),
                            "metrics": {k: _finite(r["metrics"].get(k)) for k in METRIC_KEYS},
                            "curves": r.get("curves"), "seed": options.seed})
         store.write(meta, trials)
@@ -233,7 +236,7 @@ def run_search(options: SearchOptions, *, resume: bool = False, evaluate: Evalua
     def population(phase, generation, vectors):
         t0 = time.time()
         emit({"event": "population", "phase": phase, "generation": generation, "size": len(vectors)})
-        hyps = [space.hyp_from_vector(v, base=base) for v in vectors]
+        hyps = [space.hyp_from_vector(v, base=base, family=family) for v in vectors]
         results = evaluate(hyps, f"{phase}{generation:03d}", None)
         record(phase, generation, vectors, results, t0)
 
@@ -255,7 +258,7 @@ def run_search(options: SearchOptions, *, resume: bool = False, evaluate: Evalua
 
     # 2. the trend-guided grid with the loss-curve derived weights
     if options.grid_dims > 0 and not done("grid", 0):
-        grid, info = grid_population(trials, space, base, options)
+        grid, info = grid_population(trials, space, base, options, family=family)
         atomic_write_text(out / "grid.json", json.dumps(info, indent=1, default=_jsonable))
         if len(grid):
             population("grid", 0, grid)
@@ -263,7 +266,7 @@ def run_search(options: SearchOptions, *, resume: bool = False, evaluate: Evalua
             log.info("grid: no point differs from the trials already run (flat trends); the grid is skipped")
 
     best = max(trials, key=lambda t: t["fitness"])
-    best_hyp = H.load_hyp(best["hyp"])
+    best_hyp = H.load_hyp(best["hyp"], family=family, num_levels=levels)
     atomic_write_text(out / "best_hyp.yaml", _best_yaml(best, best_hyp))
 
     # 3. the winner, trained for longer
@@ -278,7 +281,7 @@ def run_search(options: SearchOptions, *, resume: bool = False, evaluate: Evalua
     return SearchResult(out=out, trials=trials, best=best, best_hyp=best_hyp)
 
 
-def grid_population(trials: list[dict], space: SearchSpace, base: dict, options: SearchOptions):
+def grid_population(trials: list[dict], space: SearchSpace, base: dict, options: SearchOptions, *, family=None):
     """The grid of phase 2: `trend_grid` points around the best evolution trial, then the best
     trial and every grid point again with the per-level balance weights and the box/obj/cls gains
     that `loss_weight_grid` derives from the best trial's validation loss curves (the full factor).
@@ -295,11 +298,11 @@ def grid_population(trials: list[dict], space: SearchSpace, base: dict, options:
     if curves and len(curves["global"]) >= 2:
         derived, why = trend.loss_weight_grid(np.asarray(curves["local"]), np.asarray(curves["global"]),
                                               best["hyp"], space=space,
-                                              terms=curves.get("terms", trend.OBJECTIVES))
+                                              terms=curves.get("terms", trend.OBJECTIVES), family=family)
     with_weights = []
     if derived:
         for p in [vecs[best_i]] + points:
-            h = trend.apply_loss_weights(space.hyp_from_vector(p, base=base), derived)
+            h = trend.apply_loss_weights(space.hyp_from_vector(p, base=base, family=family), derived, family=family)
             with_weights.append(space.clip(space.vector_from_hyp(h)))
     all_points, seen = [], {tuple(np.round(v, 5)) for v in vecs}
     for p in points + with_weights:
@@ -311,6 +314,14 @@ def grid_population(trials: list[dict], space: SearchSpace, base: dict, options:
             "trends": trends, "grid": grid_info, "loss_weights": {"derived": derived, "rule": why},
             "points": [dict(zip(space.names, map(float, p))) for p in all_points]}
     return np.asarray(all_points, np.float64).reshape(-1, len(space.names)), info
+
+
+def _levels(model: str, family) -> int:
+    """The output levels of `model` (its `balance` has one weight per level), from its table."""
+    from jaxyolo.models.config import load_table
+
+    name, table = load_table(model)
+    return len(family.resolve(table, name=name).strides)
 
 
 def _history(trials: list[dict], space: SearchSpace) -> tuple[np.ndarray, np.ndarray]:

@@ -66,14 +66,16 @@ def available() -> list[str]:
 class SearchSpace:
     """An ordered set of `Param`s with the conversions between vectors, hyp dicts and [0, 1]."""
 
-    def __init__(self, params: Sequence[Param], where: str = "search space"):
+    def __init__(self, params: Sequence[Param], where: str = "search space", *, family=None):
         self.where = where
+        self.family = family  # whose own hyp keys (`Family.hyp_defaults`) the space may hold
+        known = H.ranges(family)
         self.params: tuple[Param, ...] = tuple(params)
         if not self.params:
             raise ConfigError(f"{where}: the search space is empty")
         seen = set()
         for p in self.params:
-            _check_param(p, where)
+            _check_param(p, where, known)
             if p.name in seen:
                 raise ConfigError(f"{where}: {p.name}: listed twice")
             seen.add(p.name)
@@ -90,8 +92,9 @@ class SearchSpace:
     # ---- construction -----------------------------------------------------------------------
 
     @classmethod
-    def load(cls, source: str | Path | Mapping | SearchSpace = DEFAULT_SPACE) -> SearchSpace:
-        """A bundled space name ("default"), a YAML path, a dict {name: fields}, or a space."""
+    def load(cls, source: str | Path | Mapping | SearchSpace = DEFAULT_SPACE, *, family=None) -> SearchSpace:
+        """A bundled space name ("default"), a YAML path, a dict {name: fields}, or a space.
+        `family`: a detector family whose own hyp keys the space may hold."""
         if isinstance(source, SearchSpace):
             return source
         if isinstance(source, Mapping):
@@ -100,11 +103,11 @@ class SearchSpace:
             raw, where = _read(source)
         if not isinstance(raw, Mapping) or not raw:
             raise ConfigError(f"{where}: expected a non-empty mapping of hyper-parameter -> fields")
-        defaults = H.load_hyp(None)
+        defaults = H.load_hyp(None, family=family, num_levels=3)
         params = []
         for name, fields in raw.items():
             params.append(_param(str(name), fields, defaults, where))
-        return cls(params, where)
+        return cls(params, where, family=family)
 
     # ---- basic properties -------------------------------------------------------------------
 
@@ -152,7 +155,7 @@ class SearchSpace:
     def vector_from_hyp(self, hyp: Mapping) -> np.ndarray:
         """The space's values read from a hyp dict (`balance` as a list); a key the dict lacks
         takes the bundled default. Values are not clipped."""
-        defaults = H.load_hyp(None, num_levels=max(self.num_levels, 3))
+        defaults = H.load_hyp(None, num_levels=max(self.num_levels, 3), family=self.family)
         out = []
         for p in self.params:
             v = hyp.get(p.key, defaults.get(p.key))
@@ -167,16 +170,16 @@ class SearchSpace:
                 raise ConfigError(f"hyp dict: {p.name}: expected a number, got {v!r}") from None
         return np.array(out, np.float64)
 
-    def hyp_from_vector(self, vector, base: Mapping | str | Path | None = None) -> dict:
-        """A full hyp dict (checked by `jaxyolo.hyp.load_hyp`) with the space's values from
-        `vector` and every other key from `base` (a hyp dict, a bundled name or a path; default:
-        the bundled default hyp). `balance` is reassembled into a list."""
+    def hyp_from_vector(self, vector, base: Mapping | str | Path | None = None, *, family=None) -> dict:
+        """A full hyp dict (checked by `jaxyolo.hyp.load_hyp`, with `family`'s own keys) with the
+        space's values from `vector` and every other key from `base` (a hyp dict, a bundled name or
+        a path; default: the bundled default hyp). `balance` is reassembled into a list."""
         v = self._as_vector(vector)
         num_levels = None
         if isinstance(base, Mapping) and isinstance(base.get("balance"), (list, tuple)):
             num_levels = len(base["balance"])
         num_levels = max(num_levels or 3, self.num_levels)
-        hyp = dict(H.load_hyp(base, num_levels=num_levels))
+        hyp = dict(H.load_hyp(base, num_levels=num_levels, family=family))
         balance = list(hyp["balance"])
         for p, x in zip(self.params, v):
             if p.level is not None:
@@ -184,7 +187,7 @@ class SearchSpace:
             else:
                 hyp[p.key] = float(x)
         hyp["balance"] = balance
-        return H.load_hyp(hyp, num_levels=len(balance))
+        return H.load_hyp(hyp, num_levels=len(balance), family=family)
 
     def normalise(self, v) -> np.ndarray:
         """Values -> [0, 1] per dimension (log-aware); works on (..., dim) arrays. A dimension with
@@ -270,8 +273,8 @@ def _param(name: str, fields, defaults: Mapping, where: str) -> Param:
     if key in H.IGNORED or key in ("fl_gamma", "giou"):
         why = H.IGNORED.get(key, "only 0 is supported" if key == "fl_gamma" else "use the name 'box'")
         raise ConfigError(f"{where}: {name}: not searchable in jaxyolo ({why}); remove it from the space")
-    if key not in H.KEYS:
-        raise ConfigError(f"{where}: {name}: unknown hyper-parameter; known: {sorted(H.KEYS)}")
+    if key not in defaults:
+        raise ConfigError(f"{where}: {name}: unknown hyper-parameter; known: {sorted(defaults)}")
     if key == "balance" and not (level.isdigit() and str(int(level)) == level):
         raise ConfigError(f"{where}: {name}: search `balance` per level as balance.0, balance.1, ...")
     if key != "balance" and level:
@@ -304,12 +307,12 @@ def _param(name: str, fields, defaults: Mapping, where: str) -> Param:
                  gain=_number(where, name, "gain", fields.get("gain", 1.0)), scale=scale, frozen=frozen)
 
 
-def _check_param(p: Param, where: str) -> None:
+def _check_param(p: Param, where: str, known: Mapping) -> None:
     """Every rule a Param must meet; each failure names the parameter."""
     n = p.name
     key, _, level = p.name.partition(".")
-    if key not in H.KEYS:
-        raise ConfigError(f"{where}: {n}: unknown hyper-parameter; known: {sorted(H.KEYS)}")
+    if key not in known:
+        raise ConfigError(f"{where}: {n}: unknown hyper-parameter; known: {sorted(known)}")
     if key == "balance" and not (level.isdigit() and str(int(level)) == level):
         raise ConfigError(f"{where}: {n}: search `balance` per level as balance.0, balance.1, ...")
     if key != "balance" and level:
@@ -330,7 +333,7 @@ def _check_param(p: Param, where: str) -> None:
         raise ConfigError(f"{where}: {n}: log scale needs low > 0, got low = {p.low}")
     if p.gain < 0:
         raise ConfigError(f"{where}: {n}.gain: must be >= 0, got {p.gain}")
-    lo, hi = H.RANGES[key]
+    lo, hi = known[key]
     if p.low < lo or p.high > hi:
         raise ConfigError(f"{where}: {n}: bounds [{p.low}, {p.high}] leave the valid range [{lo}, {hi}] "
                           f"of jaxyolo.hyp.RANGES")

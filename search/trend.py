@@ -251,7 +251,7 @@ def _term(curve, run_length: int, kw: Mapping) -> dict:
 def loss_weight_grid(local_curves, global_curves, base_hyp: Mapping, *, space: SearchSpace | None = None,
                      steps: Sequence[float] = (0.0, 0.5, 1.0), factor_clip: tuple[float, float] = (0.5, 2.0),
                      level_term: str = "total", window: int = 5, rel_tol: float = 0.02, noise_z: float = 3.0,
-                     tail: float = 0.2, terms: Sequence[str] = OBJECTIVES
+                     tail: float = 0.2, terms: Sequence[str] = OBJECTIVES, family=None
                      ) -> tuple[dict[str, list[float]], dict[str, dict]]:
     """Candidate loss weights from validation loss curves (paper §4.3, Fig. 6).
 
@@ -305,7 +305,7 @@ def loss_weight_grid(local_curves, global_curves, base_hyp: Mapping, *, space: S
         t_med = float(np.median(ts)) if ts else None
         for name, fact, base, label in zip(names, facts, bases, labels):
             factor = 1.0 if fact["t"] is None or not t_med else float(np.clip(fact["t"] / t_med, *factor_clip))
-            lo, hi = H.RANGES[name.split(".")[0]]
+            lo, hi = H.ranges(family)[name.split(".")[0]]
             fixed = None
             if space is not None:
                 if name not in space:
@@ -329,7 +329,8 @@ def loss_weight_grid(local_curves, global_curves, base_hyp: Mapping, *, space: S
     return values, explain
 
 
-def apply_loss_weights(hyp: Mapping, values: Mapping[str, Sequence[float]], step: int = -1) -> dict:
+def apply_loss_weights(hyp: Mapping, values: Mapping[str, Sequence[float]], step: int = -1, *,
+                       family=None) -> dict:
     """A copy of `hyp` with the `loss_weight_grid` candidates at index `step` (default the last,
     i.e. the full factor with the default steps) written in: `balance.i` into `balance[i]`,
     `box` / `obj` / `cls` as they are. Checked by `jaxyolo.hyp.load_hyp`."""
@@ -342,7 +343,7 @@ def apply_loss_weights(hyp: Mapping, values: Mapping[str, Sequence[float]], step
         else:
             out[name] = v
     out["balance"] = balance
-    return H.load_hyp(out, num_levels=len(balance))
+    return H.load_hyp(out, num_levels=len(balance), family=family)
 
 
 def loss_grid_vectors(best_vector, values: Mapping[str, Sequence[float]], space: SearchSpace,

@@ -5,6 +5,8 @@ its parity gate."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +35,18 @@ def test_a_table_names_its_family_and_old_tables_are_yolov4(tmp_path):
         jaxyolo.create_model(bad)
     with pytest.raises(ConfigError, match="kst"):  # a YOLOv4 option asked of another family
         jaxyolo.create_model(toy.TABLE, kst=3)
+
+
+def test_a_familys_own_hyp_keys_load_with_it_and_only_with_it():
+    toy_family = families.get("toy")
+    h = H.load_hyp(None, num_levels=1, family=toy_family)
+    assert h["toy_iou_power"] == 1.0 and H.as_arrays(h)["toy_iou_power"].shape == ()
+    assert H.load_hyp({"toy_iou_power": 2.0}, num_levels=1, family=toy_family)["toy_iou_power"] == 2.0
+    with pytest.raises(ConfigError, match="toy_iou_power"):
+        H.load_hyp({"toy_iou_power": 2.0})  # not a YOLOv4 key
+    with pytest.raises(ConfigError, match=r"toy_iou_power=9.0 is outside \[0.5, 4.0\]"):
+        H.load_hyp({"toy_iou_power": 9.0}, num_levels=1, family=toy_family)
+    assert "toy_iou_power" not in H.load_hyp(None)
 
 
 def test_published_layouts_read_back_the_same_predictions():
@@ -68,7 +82,8 @@ def test_the_toy_family_learns_a_fixed_batch():
     cfg = T.TrainConfig(epochs=1, batches_per_epoch=100, batch_size=8, img_size=64, nominal_batch=8,
                         min_warmup_iters=2, augment=False)
     step = jax.jit(T.make_train_step(det, cfg))
-    hyp = H.as_arrays(H.load_hyp({"lr0": 0.02, "lrf": 1.0, "box": 1.0, "cls": 1.0, "warmup_epochs": 0}, num_levels=1))
+    hyp = H.as_arrays(H.load_hyp({"lr0": 0.02, "lrf": 1.0, "box": 1.0, "cls": 1.0, "warmup_epochs": 0}, num_levels=1,
+                                 family=det.family))
     batch = {k: jnp.asarray(v) for k, v in fixed_batch(seed=3, size=64, n=8, max_boxes=4).items()}
     state = T.with_run(T.init_state(det), cfg)
     losses = []
@@ -162,3 +177,19 @@ def test_the_search_reads_a_familys_own_loss_terms():
     values, why = trend.loss_weight_grid(curves["local"], curves["global"], hyp, terms=curves["terms"])
     assert set(values) == {"balance.0", "box", "cls"}
     assert values["box"][-1] > hyp["box"] and values["cls"][-1] < hyp["cls"], why
+
+
+def test_a_search_runs_on_the_toy_family(data_env, tmp_path):
+    """The search trains the toy family's trials (two generations of two, then the grid) in the
+    family's own space (tests/helpers/toy_space.yaml, with the family's own hyp key), and reads
+    their loss curves under the family's term names."""
+    from jaxyolo.search.runner import SearchOptions, run_search, trial_defaults
+
+    train = trial_defaults(model=toy.TABLE, data=R.DATA, img_size=R.IMG, batch_size=R.BATCH, nominal_batch=R.BATCH)
+    res = run_search(SearchOptions(train=train, population=2, generations=2, trial_epochs=2, grid_dims=1,
+                                   out=str(tmp_path / "search")))
+    assert all(t["curves"]["terms"] == ["box", "cls"] for t in res.trials)
+    assert 0.5 <= res.best_hyp["toy_iou_power"] <= 4.0 and len(res.trials) >= 4
+    assert len({t["hyp"]["toy_iou_power"] for t in res.trials}) > 1  # its own key is searched
+    grid = json.loads((tmp_path / "search" / "grid.json").read_text())
+    assert set(grid.get("loss_weights", {}).get("values", {})) <= {"balance.0", "box", "cls"}

@@ -21,7 +21,7 @@ CLASSES = 3
 DATA = (f"synthetic:num_train=256,num_val=48,img_size=64-80,num_classes={CLASSES},max_objects=2,min_fraction=0.3,"
         "seed=3")
 # 16 batches per epoch: 400 steps. At 240 the outcome hung on float rounding (AP50 0.15-0.44 over
-# seeds and XLA optimisation levels); at 400 seeds 0-2 of the default recipe gave 0.63-0.67 (README,
+# seeds and XLA optimisation levels); at 400 seeds 0-2 of the default recipe gave 0.63-0.67 (docs/training.md,
 # Training recipe)
 IMG, BATCH, EPOCHS = 64, 16, 25
 

@@ -24,7 +24,7 @@ CFG = T.TrainConfig(epochs=1, batches_per_epoch=6, batch_size=8, img_size=64, no
 
 def _setup(pop: int):
     det = jaxyolo.create_model(toy.TABLE, num_classes=5, seed=0)
-    hyp = H.stack([H.load_hyp({"lr0": 0.05, "warmup_epochs": 0}, num_levels=1)] * pop)
+    hyp = H.stack([H.load_hyp({"lr0": 0.05, "warmup_epochs": 0}, num_levels=1, family=det.family)] * pop)
     batch = {k: jnp.asarray(v) for k, v in fixed_batch(seed=1, size=64, n=8, max_boxes=4).items()}
     return det, hyp, batch
 

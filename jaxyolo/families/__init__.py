@@ -43,9 +43,17 @@ def of_table(table: dict, where: str = "model table") -> Family:
     return get(name)
 
 
+def of_model(name) -> Family:
+    """The family of a built-in model name or a path to a model table."""
+    from jaxyolo.models.config import load_table
+
+    table_name, table = load_table(name)
+    return of_table(table, f"model {table_name!r}")
+
+
 def of(spec) -> Family:
     """The family of a resolved spec (its class attribute `family`)."""
     return get(getattr(spec, "family", DEFAULT))
 
 
-__all__ = ["Family", "register", "get", "available", "of_table", "of", "DEFAULT"]
+__all__ = ["Family", "register", "get", "available", "of_table", "of_model", "of", "DEFAULT"]

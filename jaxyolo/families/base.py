@@ -20,8 +20,9 @@ one are YOLOv4's). The family owns everything that depends on how its head is la
   rebuilds the spec beyond the table);
 * `state_dict` / `load_state_dict`: the weights under the names of the family's reference code
   (the default: NNX paths joined with dots);
-* `hyp_keys` (the hyp keys its loss reads) and `search_space` (the bundled space file a search
-  of this family starts from).
+* `hyp_keys` (the hyp keys its loss reads), `hyp_defaults` (keys of its own beyond the shared
+  table, with defaults and ranges) and `search_space` (the bundled space file a search of this
+  family starts from).
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ class Family:
     name: ClassVar[str]
     term_names: ClassVar[tuple[str, ...]]  # the loss terms, in the order of the terms' last axis
     hyp_keys: ClassVar[tuple[str, ...]] = ()  # the hyp keys the family's loss reads
-    search_space: ClassVar[str] = "default"  # bundled search space (configs/search/<name>.yaml)
+    # keys its loss reads beyond the shared table (`jaxyolo.hyp.KEYS`): {key: (default, (low, high))};
+    # `jaxyolo.hyp.load_hyp(..., family=)` accepts and fills them
+    hyp_defaults: ClassVar[dict] = {}
+    search_space: ClassVar[str] = "default"  # a bundled search space name (configs/search/<name>.yaml) or a path
     export_layout: ClassVar[str] = "xyxy-scores"  # `jaxyolo.predictions.LAYOUTS`
     options_type: ClassVar[type]  # a frozen dataclass: how a table is instantiated
 

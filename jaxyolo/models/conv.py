@@ -17,8 +17,8 @@ Stride-1 convolutions with larger kernels keep autodiff, which XLA runs well, an
 convolution on other backends (cuDNN and TPU convolutions have fast gradients). Each gradient is
 taken without recomputing the forward (`jax.linear_transpose`). `grad_mode("xla")` traces
 autodiff's form everywhere, so the benchmark can compare the two and a test can check that both
-give the same gradients. (`jaxyolo bench --suite train` measures the step; the README's benchmark
-section has the per-change figures.)
+give the same gradients. (`jaxyolo bench --suite train` measures the step; docs/benchmarks.md
+has the per-change figures.)
 """
 
 from __future__ import annotations

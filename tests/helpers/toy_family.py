@@ -8,7 +8,8 @@ Network: three stride-2 Conv-BN-SiLU blocks (stride 8), then a 1x1 conv to 4 + n
 cell. Decode: the cell centre minus/plus softplus distances (x stride) to the four sides, sigmoid
 class scores. Assignment: the cell holding a box's centre is that box's positive (the later box
 wins a shared cell). Loss: 1 - IoU at positives, BCE of the class logits over every cell, each
-normalised by the positives; terms (box, cls), total summed over the batch.
+normalised by the positives; terms (box, cls), total summed over the batch. Its own hyp key
+`toy_iou_power` (default 1) raises the IoU to a power in the box term.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from jaxyolo.models import layers as L
 from jaxyolo.predictions import Predictions
 
 TABLE = __file__.rsplit("/", 1)[0] + "/toy.yaml"
+SPACE = __file__.rsplit("/", 1)[0] + "/toy_space.yaml"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +84,9 @@ def _iou(a, b):
 class Toy(Family):
     name: ClassVar[str] = "toy"
     term_names = ("box", "cls")
-    hyp_keys = ("box", "cls")
+    hyp_keys = ("box", "cls", "toy_iou_power")
+    hyp_defaults = {"toy_iou_power": (1.0, (0.5, 4.0))}  # box loss 1 - IoU ** p: a key of its own
+    search_space = SPACE
     export_layout = "xyxy-scores"
     options_type = ToyOptions
 
@@ -112,7 +116,7 @@ class Toy(Family):
         t_cls = jnp.take_along_axis(classes, idx, axis=1)
         n_pos = jnp.maximum(jnp.sum(pos), 1.0)
         pred = _cell_boxes(raw, s).reshape(bsz, h * w, 4)
-        lbox = jnp.sum(jnp.where(pos, 1.0 - _iou(pred, t_box), 0.0)) / n_pos
+        lbox = jnp.sum(jnp.where(pos, 1.0 - jnp.maximum(_iou(pred, t_box), 1e-6) ** hyp["toy_iou_power"], 0.0)) / n_pos
         target = jnp.where(pos[..., None], jax.nn.one_hot(t_cls, spec.nc), 0.0)
         lcls = jnp.sum(bce_with_logits(raw[..., 4:].reshape(bsz, h * w, spec.nc), target)) / n_pos
         terms = jnp.stack([hyp["box"] * lbox, hyp["cls"] * lcls])
