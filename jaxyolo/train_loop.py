@@ -50,6 +50,7 @@ from jaxyolo.data.loader import ResizedCache, train_batches
 from jaxyolo.data.sources import open_dataset
 from jaxyolo.errors import CheckpointError, ConfigError, JaxyoloError
 from jaxyolo.files import atomic_write_text, crc32, quiet_logger, reason
+from jaxyolo.records import EpochRecord, Losses
 from jaxyolo.validate import DEFAULT_IOU_TRAIN, validate_population
 
 log = logging.getLogger("jaxyolo.train")
@@ -134,9 +135,14 @@ class TrainOptions:
 @dataclasses.dataclass
 class RunResult:
     out: Path
-    history: list[dict]  # one row per (epoch, member) as written to results.csv
+    records: list[EpochRecord]  # one per (epoch, member)
     best_fitness: list[float]
     detectors: list  # EMA detector per member at the end
+
+    @property
+    def history(self) -> list[dict]:
+        """The records as results.csv rows."""
+        return [r.row() for r in self.records]
 
 
 def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume: bool = False,
@@ -214,13 +220,15 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         state = _rewound(options, state, meta, writer)
     if hooks is not None and hooks.init is not None:
         state = jax.vmap(hooks.init)(state)  # a resumed run's values replace these below
-    history: list[dict] = []
+    history: list[EpochRecord] = []
+    terms, levels = det.family.term_names, det.family.level_names(det.spec)
     resumed_sums, elapsed0 = None, 0.0
     best = [-1.0] * pop
     if resume and store.exists():
         state, saved = store.restore(state, check=lambda saved: _check_resumable(saved, meta))
         # rows written after the saved state (a kill between the two writes) are redone
-        history = [r for r in _read_history(out / "results.csv") if r["iterations"] <= int(saved["step"])]
+        history = [EpochRecord.from_row(r, terms=terms, levels=levels) for r in _read_history(out / "results.csv")
+                   if r["iterations"] <= int(saved["step"])]
         best = saved["best_fitness"]
         resumed_sums = saved.get("epoch_sums")
         elapsed0 = float(saved.get("elapsed", 0.0))
@@ -310,22 +318,21 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
             else:
                 results = [None] * pop
                 timing["time/val_s"] = float("nan")
-            rows = []
+            records = []
             for m in range(pop):
-                row = _row(epoch, step, time.time() - t_start, sums, count, m, results[m], pop,
-                           float(np.asarray(pending["lr"])[m]), terms=det.family.term_names,
-                           levels=det.family.level_names(det.spec))
-                row.update({k: round(v, 3) for k, v in timing.items()})
-                rows.append(row)
+                rec = _record(epoch, step, time.time() - t_start, sums, count, m, results[m], pop,
+                              float(np.asarray(pending["lr"])[m]), timing, terms=terms, levels=levels)
+                records.append(rec)
                 if results[m] is not None and options.save_weights:
                     # device-side slices: fresh buffers that the next step's donation cannot touch
                     member_det = T.ema_detector(det, T.member(state, m))
                     folder = out / "weights" / (f"member{m}" if pop > 1 else "")
-                    improved = row["fitness"] > best[m]
-                    best[m] = max(best[m], row["fitness"])
+                    improved = rec.fitness > best[m]
+                    best[m] = max(best[m], rec.fitness)
                     writer.submit(_save_weights, member_det, folder, improved)
-            history.extend(rows)
-            _write_csv(out / "results.csv", history)
+            history.extend(records)
+            rows = [r.row() for r in records]
+            _write_csv(out / "results.csv", [r.row() for r in history])
             if results[0] is not None and options.plots:
                 _eval_plots(out, results[0], val_ds)
             for row in rows:
@@ -354,7 +361,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     if options.plots:
         _plots(out)
     emit({"event": "end", "out": str(out), "best_fitness": best})
-    return RunResult(out=out, history=history, best_fitness=best, detectors=dets)
+    return RunResult(out=out, records=history, best_fitness=best, detectors=dets)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,42 +510,35 @@ def _evaluate(graphdef, det, state, hyp_arr, val_ds, options, gain_rule):
                                iou_thres=options.iou_thres, max_boxes=options.max_boxes)
 
 
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the COCO stats a record keeps
 
 
-def _row(epoch, step, elapsed, sums, count, m, res, pop, lr, *, terms, levels) -> dict:
-    """One results.csv row; `terms` and `levels` name the loss terms and output levels (the family's)."""
+def _record(epoch, step, elapsed, sums, count, m, res, pop, lr, timing, *, terms, levels) -> EpochRecord:
+    """Member m's record of this epoch: its training sums over `count` finite iterations, and
+    `res`, its validation (None when the epoch was not evaluated)."""
     n = max(int(count[m]), 1)
-    row: dict = {}
-    if pop > 1:
-        row["member"] = m
-    row.update({"epoch": epoch, "iterations": step, "time_s": round(elapsed, 2), "lr": lr,
-                "train/loss": float(sums["loss"][m] / n)})
-    glob, local = sums["global"][m] / n, sums["local"][m] / n
-    row.update({f"train/{t}": float(glob[i]) for i, t in enumerate(terms)})
-    for lvl in range(local.shape[0]):
-        row.update({f"train/{levels[lvl]}/{t}": float(local[lvl, i]) for i, t in enumerate(terms)})
+    train = Losses(terms, levels, sums["local"][m] / n, sums["global"][m] / n, float(sums["loss"][m] / n))
+    extra = {}
     if "clipped" in sums:  # the share of this epoch's iterations that made a clipped optimiser step
-        row["train/clipped"] = float(sums["clipped"][m] / n)
+        extra["train/clipped"] = float(sums["clipped"][m] / n)
     if "grad_norm" in sums:  # the mean global norm of the summed gradients at this epoch's optimiser steps
         steps = float(sums["opt_steps"][m])
-        row["train/grad_norm"] = float(sums["grad_norm"][m] / steps) if steps else float("nan")
+        extra["train/grad_norm"] = float(sums["grad_norm"][m] / steps) if steps else float("nan")
     if "kd" in sums:
         kd = sums["kd"][m] / n
-        row.update({f"train/kd_{t}": float(kd[i]) for i, t in enumerate(D.KD_TERMS)})
-    nan = float("nan")
-    vl = res["loss"]["local"] if res else np.full_like(local, nan)
-    row["val/loss"] = float(np.sum(vl))
-    row.update({f"val/{t}": float(np.sum(vl[:, i])) for i, t in enumerate(terms)})
-    for lvl in range(vl.shape[0]):
-        row.update({f"val/{levels[lvl]}/{t}": float(vl[lvl, i]) for i, t in enumerate(terms)})
-    coco = res["coco"] if res else {}
-    row.update({f"metrics/{k}": float(coco.get(k, nan)) for k in METRICS})
-    voc = res["voc"] if res else {}
-    row["metrics/VOC_AP50_all"] = float(voc.get("mAP50", nan)) if voc else nan
-    row["metrics/VOC_AP50_11"] = float(voc.get("mAP50_11pt", nan)) if voc else nan
-    row["fitness"] = float(res["fitness"]) if res else nan
-    return row
+        extra.update({f"train/kd_{t}": float(kd[i]) for i, t in enumerate(D.KD_TERMS)})
+    val, metrics, fitness = None, {}, float("nan")
+    if res:
+        vl = res["loss"]["local"]
+        val = Losses(terms, levels, vl, np.sum(vl, axis=0), float(np.sum(vl)))
+        metrics = {k: float(res["coco"].get(k, float("nan"))) for k in METRICS}
+        voc = res["voc"] or {}
+        metrics["VOC_AP50_all"] = float(voc.get("mAP50", float("nan")))
+        metrics["VOC_AP50_11"] = float(voc.get("mAP50_11pt", float("nan")))
+        fitness = float(res["fitness"])
+    return EpochRecord(epoch=epoch, iterations=step, time_s=round(elapsed, 2), lr=lr, member=m if pop > 1 else None,
+                       train=train, val=val, metrics=metrics, fitness=fitness, train_extra=extra,
+                       timing={k: round(v, 3) for k, v in timing.items()})
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -413,15 +413,15 @@ def _train_unit(options, hyps: dict[str, dict], names: dict[str, str], emit) -> 
     res = fit(options, hyps=population, resume=resume, progress=emit)
     pop = len(population)
     last = {}
-    for row in res.history:  # the last evaluated row of each member
-        if row.get("metrics/AP") is not None:
-            last[row.get("member", 0) if pop > 1 else 0] = row
+    for rec in res.records:  # the last evaluated record of each member
+        if rec.evaluated:
+            last[rec.member or 0] = rec
     out = {}
     for r, (row_name, hyp) in enumerate(hyps.items()):
         per_seed = []
         for i, seed in enumerate(seeds):
             m = r * len(seeds) + i
-            per_seed.append({"seed": seed, "member": m, **{k: float(last[m][f"metrics/{k}"]) for k in METRIC_KEYS},
+            per_seed.append({"seed": seed, "member": m, **{k: float(last[m].metrics[k]) for k in METRIC_KEYS},
                              "weights": str(weights_folder(folder, m, pop))})
         out[row_name] = {"kind": "train", "model": options.model, "head": options.head, "kst": options.kst,
                          "teacher": options.teacher, "hyp_name": names[row_name], "hyp": hyp,

@@ -125,22 +125,20 @@ def train_evaluator(options: SearchOptions, progress: Callable[[dict], None] | N
         # length traced (`train.with_run`) the full runs of that population size after the search
         padded = list(hyps) + [hyps[-1]] * (-len(hyps) % options.population)
         res = fit(topts, hyps=padded, resume=resume, progress=progress)
-        return [_member_result(res.history, m, len(padded)) for m in range(len(hyps))]
+        return [_member_result(res.records, m) for m in range(len(hyps))]
 
     return evaluate
 
 
-def _member_result(history: list[dict], m: int, pop: int) -> dict:
-    rows = sorted((r for r in history if pop == 1 or r.get("member") == m), key=lambda r: r["epoch"])
-    levels = sorted({k.split("/")[1] for k in rows[-1] if k.startswith("val/P")})
-    # the family's loss terms, in the order the run wrote them (val/<level>/<term>)
-    terms = [k.split("/")[2] for k in rows[-1] if k.startswith(f"val/{levels[0]}/")]
-    local = np.array([[[r[f"val/{lvl}/{t}"] for t in terms] for lvl in levels] for r in rows])
-    glob = np.array([[r[f"val/{t}"] for t in terms] for r in rows])
+def _member_result(records, m: int) -> dict:
+    """Member m's trial result from a run's records: its last evaluated epoch's fitness and
+    metrics, and its validation loss curves under the family's term names."""
+    rows = sorted((r for r in records if r.member in (None, m) and r.evaluated), key=lambda r: r.epoch)
     last = rows[-1]
-    return {"fitness": float(last["fitness"]),
-            "metrics": {k: float(last[f"metrics/{k}"]) for k in METRIC_KEYS},
-            "curves": {"local": local.tolist(), "global": glob.tolist(), "terms": terms}}
+    return {"fitness": last.fitness,
+            "metrics": {k: float(last.metrics.get(k, float("nan"))) for k in METRIC_KEYS},
+            "curves": {"local": [r.val.local.tolist() for r in rows], "global": [r.val.overall.tolist() for r in rows],
+                       "terms": list(last.val.terms)}}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -159,19 +159,23 @@ def test_a_checkpoint_of_an_unknown_family_is_refused_by_name(tmp_path):
 
 
 def test_the_search_reads_a_familys_own_loss_terms():
-    """A run's rows name the toy family's terms (box, cls on one level P3); the search's member
-    record carries those curves under their names, and the loss-curve rule derives their gains:
+    """A run's records name the toy family's terms (box, cls on one level P3); the search's member
+    result carries those curves under their names, and the loss-curve rule derives their gains:
     the term that keeps falling (box) is weighted up against the one that levels off (cls)."""
+    from jaxyolo.records import EpochRecord, Losses
     from jaxyolo.search import trend
     from jaxyolo.search.runner import _member_result
 
     epochs = 8
     box = [1.0 / (1 + e) for e in range(epochs)]  # still falling at the end
     cls = [0.5] * 2 + [0.3] * (epochs - 2)  # levels off after two epochs
-    metrics = {f"metrics/{k}": 0.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
-    rows = [{"epoch": e, "fitness": 0.1 * e, **metrics, "val/loss": box[e] + cls[e], "val/box": box[e],
-             "val/cls": cls[e], "val/P3/box": box[e], "val/P3/cls": cls[e]} for e in range(epochs)]
-    curves = _member_result(rows, 0, 1)["curves"]
+
+    def record(e):
+        val = Losses(("box", "cls"), ("P3",), np.array([[box[e], cls[e]]]), np.array([box[e], cls[e]]), box[e] + cls[e])
+        return EpochRecord(epoch=e, iterations=e, time_s=0.0, lr=0.01, member=None, train=val, val=val,
+                           metrics={"AP": 0.0, "AP50": 0.0}, fitness=0.1 * e)
+
+    curves = _member_result([record(e) for e in range(epochs)], 0)["curves"]
     assert curves["terms"] == ["box", "cls"] and np.shape(curves["local"]) == (epochs, 1, 2)
     hyp = H.load_hyp(None, num_levels=1)
     values, why = trend.loss_weight_grid(curves["local"], curves["global"], hyp, terms=curves["terms"])

@@ -127,8 +127,10 @@ def format_row(row: dict, epochs: int) -> str:
     who = f"member {row['member']} " if "member" in row else ""
     kd = sum(v for k, v in row.items() if k.startswith("train/kd_"))
     kd = f"kd {_f(kd)}  " if "train/kd_obj" in row else ""
-    return (f"{who}epoch {row['epoch'] + 1}/{epochs}  train loss {_f(row['train/loss'])} "
-            f"(box {_f(row['train/box'])} obj {_f(row['train/obj'])} cls {_f(row['train/cls'])})  {kd}"
+    terms = [k for k in row if k.count("/") == 1 and k.startswith("train/") and not k.startswith("train/kd_")
+             and k not in ("train/loss", "train/clipped", "train/grad_norm")]  # the family's loss terms
+    detail = " ".join(f"{k[len('train/'):]} {_f(row[k])}" for k in terms)
+    return (f"{who}epoch {row['epoch'] + 1}/{epochs}  train loss {_f(row['train/loss'])} ({detail})  {kd}"
             f"val loss {_f(row['val/loss'])}  mAP@0.5 {_f(row['metrics/AP50'])}  "
             f"mAP@0.5:0.95 {_f(row['metrics/AP'])}  ({_f(row.get('time/train_s'), '.1f')} s + val "
             f"{_f(row.get('time/val_s'), '.1f')} s)")
