@@ -67,9 +67,14 @@ KD_KEYS = ("kd_obj", "kd_cls", "kd_box", "kd_feat")
 
 
 def check_compatible(student, teacher) -> None:
-    """Student and teacher must predict the same tensor: same classes, strides and anchors."""
+    """Student and teacher must predict the same tensor: YOLOv4 detectors (the terms below read its
+    objectness and anchor-relative boxes) with the same classes, strides and anchors."""
     s, t = student.spec, teacher.spec
     where = f"teacher {t.name}"
+    for who, det in (("student", student), ("teacher", teacher)):
+        if det.family.name != "yolov4":
+            raise ConfigError(f"{who} {det.spec.name}: distillation's terms are written for YOLOv4 outputs "
+                              f"(objectness, anchors); a {det.family.name} detector cannot take part")
     if s.nc != t.nc:
         raise ConfigError(f"{where}: {t.nc} classes, the student {s.name} has {s.nc} (they must be equal)")
     if tuple(s.strides) != tuple(t.strides):
@@ -82,11 +87,6 @@ def check_compatible(student, teacher) -> None:
 
 def _anchor_text(anchors) -> str:
     return str([[float(v) for wh in lvl for v in wh] for lvl in anchors])
-
-
-def level_names(detector) -> tuple[str, ...]:
-    """'P3', 'P4', ... from the head's strides."""
-    return tuple(f"P{int(round(math.log2(s)))}" for s in detector.spec.strides)
 
 
 # --------------------------------------------------------------------------------- teacher state
@@ -146,7 +146,7 @@ def init_adapters(student, teacher, seed: int = 0) -> dict:
     ct = [teacher.spec.layers[j].c_out for j in teacher.spec.head.inputs]
     rng = np.random.default_rng([seed, 7331])
     out = {}
-    for name, a, b in zip(level_names(student), cs, ct):
+    for name, a, b in zip(student.family.level_names(student.spec), cs, ct):
         bound = 1.0 / math.sqrt(a)
         out[name] = {"kernel": rng.uniform(-bound, bound, (a, b)).astype(np.float32),
                      "bias": rng.uniform(-bound, bound, (b,)).astype(np.float32)}
@@ -308,5 +308,4 @@ def kd_weights_zero(hyps: Sequence[dict]) -> bool:
 
 __all__ = ["KD_TERMS", "KD_KEYS", "check_compatible", "teacher_params", "teacher_forward_fn",
                       "teacher_outputs", "init_adapters", "init_state", "objectness_kd", "class_kd", "box_kd",
-                      "feature_kd", "decoded_box", "distill_loss", "make_distill_step", "kd_weights_zero",
-                      "level_names"]
+                      "feature_kd", "decoded_box", "distill_loss", "make_distill_step", "kd_weights_zero"]

@@ -5,7 +5,9 @@ its parity gate."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -197,3 +199,50 @@ def test_a_search_runs_on_the_toy_family(data_env, tmp_path):
     assert len({t["hyp"]["toy_iou_power"] for t in res.trials}) > 1  # its own key is searched
     grid = json.loads((tmp_path / "search" / "grid.json").read_text())
     assert set(grid.get("loss_weights", {}).get("values", {})) <= {"balance.0", "box", "cls"}
+
+
+def test_distillation_refuses_another_family_by_name():
+    from jaxyolo import distill as D
+
+    toy_det = jaxyolo.create_model(toy.TABLE, num_classes=2)
+    yolo = jaxyolo.create_model("yolov4p", num_classes=2, abstract=True)
+    with pytest.raises(ConfigError, match="toy detector cannot take part"):
+        D.check_compatible(toy_det, yolo)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PluginSpec(toy.ToySpec):
+    family: ClassVar[str] = "plugin-toy"
+
+
+class _PluginToy(toy.Toy):
+    name = "plugin-toy"
+
+    def resolve(self, table, *, name, nc=None):
+        return _PluginSpec(**dataclasses.asdict(super().resolve(table, name=name, nc=nc)))
+
+
+PLUGIN = _PluginToy()
+
+
+def test_a_family_from_another_package_is_found_by_its_entry_point(monkeypatch, tmp_path):
+    """A table naming a family nobody imported: the `jaxyolo.families` entry point of that name is
+    loaded on first use (here one pointing at this module's PLUGIN); a broken one is an error
+    naming it."""
+    import importlib.metadata as md
+
+    from jaxyolo.families import _REGISTRY
+
+    eps = [md.EntryPoint("plugin-toy", "test_families:PLUGIN", "jaxyolo.families"),
+           md.EntryPoint("broken-toy", "no_such_module_here:X", "jaxyolo.families")]
+    monkeypatch.setattr(md, "entry_points", lambda group=None, name=None: [e for e in eps if e.group == group
+                                                                           and e.name == name])
+    monkeypatch.delitem(_REGISTRY, "plugin-toy", raising=False)
+    table = tmp_path / "plugin.yaml"
+    table.write_text("family: plugin-toy\nnc: 2\nwidth: 8\n")
+    det = jaxyolo.create_model(table)
+    assert det.family is PLUGIN and det(jnp.zeros((1, 32, 32, 3))).shape == (1, 16, 4 + 80)
+    monkeypatch.delitem(_REGISTRY, "plugin-toy")
+    table.write_text("family: broken-toy\nnc: 2\nwidth: 8\n")
+    with pytest.raises(ConfigError, match="no_such_module_here"):
+        jaxyolo.create_model(table)

@@ -1,5 +1,8 @@
 """Detector families by name (`base.Family`): YOLOv4 (`families.yolov4`) is built in; another
-family registers itself with `register` when its module is imported.
+family registers itself with `register` when its module is imported. A package that provides a
+family declares it as an entry point in the group `jaxyolo.families` (name = the family's name,
+value = "module:object", the Family instance), so a table naming it works with nothing imported
+first: the entry point is loaded on first use.
 
 A model table names its family in a top-level ``family:`` field; a table without one is a YOLOv4
 table (every table written before families existed).
@@ -11,6 +14,7 @@ from jaxyolo.errors import ConfigError
 from jaxyolo.families.base import Family
 
 DEFAULT = "yolov4"
+ENTRY_POINTS = "jaxyolo.families"
 _REGISTRY: dict[str, Family] = {}
 
 
@@ -26,8 +30,26 @@ def get(name: str) -> Family:
     if name == DEFAULT and DEFAULT not in _REGISTRY:
         import jaxyolo.families.yolov4  # noqa: F401  (registers itself)
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown detector family {name!r}: known {sorted(available())}")
+        _load_entry_point(name)
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown detector family {name!r}: known {sorted(available())} (a family from another "
+                          f"package is found through its '{ENTRY_POINTS}' entry point)")
     return _REGISTRY[name]
+
+
+def _load_entry_point(name: str) -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINTS, name=name):
+        try:
+            obj = ep.load()
+        except Exception as e:  # noqa: BLE001 - whatever importing a third-party module raises
+            raise ConfigError(f"detector family {name!r}: its entry point {ep.value!r} cannot be loaded "
+                              f"({type(e).__name__}: {e})") from None
+        if name not in _REGISTRY:  # the module may have registered itself on import
+            if not isinstance(obj, Family) or obj.name != name:
+                raise ConfigError(f"detector family {name!r}: entry point {ep.value!r} is not a Family named {name!r}")
+            register(obj)
 
 
 def available() -> list[str]:
