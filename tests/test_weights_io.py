@@ -213,6 +213,26 @@ def test_save_and_load_round_trip(tiny, tmp_path, images):
         jaxyolo.load(tmp_path)
 
 
+def test_a_checkpoint_from_before_families_still_loads(tiny, tmp_path, images):
+    """Format 1 (no family, anchors at the top level) is read as YOLOv4; an unknown format is
+    refused naming the ones this version reads."""
+    import json
+
+    path = tiny.save(tmp_path / "ckpt")
+    meta_file = path / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    old = {k: v for k, v in meta.items() if k not in ("family", "fields")}
+    old.update(format="jaxyolo-detector/1", anchors=meta["fields"]["anchors"])
+    meta_file.write_text(json.dumps(old))
+    back = jaxyolo.load(path)
+    assert back.family.name == "yolov4" and back.spec == tiny.spec
+    for a, b in zip(tiny.forward_raw(images), back.forward_raw(images)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    meta_file.write_text(json.dumps({**old, "format": "jaxyolo-detector/9"}))
+    with pytest.raises(jaxyolo.CheckpointError, match="jaxyolo-detector/9.*reads jaxyolo-detector/1, jaxyolo-detector/2"):
+        jaxyolo.load(path)
+
+
 def test_folded_detector_saves_and_loads(tiny, tmp_path, images):
     folded = tiny.fold()
     back = jaxyolo.load(folded.save(tmp_path / "folded"))
