@@ -635,8 +635,9 @@ class _Background:
 
 
 def _rewound(options: TrainOptions, template, meta: dict, writer) -> T.TrainState:
-    """The population's state from the snapshot `options.rewind`, with this run's length; the
-    snapshot's extras are dropped (the run's `StepHooks.init` sets its own)."""
+    """The population's state from the snapshot `options.rewind`, with this run's length. A snapshot
+    of a run with extras does not fit the template (which has none) and is refused, naming them;
+    the run's `StepHooks.init` sets its own."""
     folder = Path(options.rewind)
     store = _StateStore(folder, writer)
     if not folder.is_dir() or not store.exists():
@@ -651,11 +652,6 @@ def _rewound(options: TrainOptions, template, meta: dict, writer) -> T.TrainStat
                 raise ConfigError(f"rewind {folder}: the snapshot's run has {key}={saved.get(key)}, this one "
                                   f"{meta[key]} (same data, batch size and population needed)")
 
-    saved_layout = store.layout()
-    with_extras = any(path and path[0] == "extras" for path, _, _ in saved_layout)
-    if with_extras:
-        raise ConfigError(f"rewind {folder}: the snapshot holds a method's extras; rewind to a snapshot of a "
-                          "run without them")
     try:
         state, saved = store.restore(template, check=check)
     except ConfigError as e:
@@ -805,16 +801,6 @@ class _StateStore:
         raise CheckpointError(f"{self.path}: no intact training state to resume from ({shown}); start in a new "
                               "output directory, or from weights/last with --weights")
 
-    def layout(self) -> list:
-        """The packed layout ([[path keys, shape, dtype], ...]) of the newest readable step ([] if none)."""
-        for step in self._steps():
-            try:
-                meta = self._read(step, "meta", self._ocp.args.JsonRestore())
-            except _Damaged:
-                continue
-            return meta.get("layout", []) if isinstance(meta, dict) else []
-        return []
-
     def _read(self, step: int, item: str, args):
         try:
             with quiet_logger("asyncio"):
@@ -876,11 +862,14 @@ def _unpack(packed: dict, layout: list) -> list:
 
 
 def _layout_difference(saved: list, want: list) -> str:
-    if len(saved) != len(want):
-        return f"{len(saved)} arrays saved, this run has {len(want)}"
     for (sp, ss, sd), (wp, ws, wd) in zip(saved, want):
         if (sp, ss, sd) != (wp, ws, wd):
             return f"{'/'.join(map(str, wp))}: saved {'/'.join(map(str, sp))} {sd}{ss}, this run {wd}{ws}"
+    if len(saved) != len(want):
+        rest, where = (saved[len(want):], "the saved state") if len(saved) > len(want) else (want[len(saved):],
+                                                                                            "this run")
+        return (f"{len(saved)} arrays saved, this run has {len(want)}; "
+                f"{', '.join('/'.join(map(str, p)) for p, _, _ in rest[:3])} only in {where}")
     return ""
 
 

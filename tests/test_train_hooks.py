@@ -139,3 +139,6 @@ def test_rewinding_to_a_snapshot_of_another_shape_is_refused(data_env, tmp_path)
                      nominal_batch=4))
     with pytest.raises(ConfigError, match="rewind"):
         fit(_options(tmp_path / "c", rewind=str(tmp_path / "nowhere")))
+    fit(_options(tmp_path / "d", snapshots=(1,)), hooks=COUNTING)  # a snapshot holding a method's extras
+    with pytest.raises(ConfigError, match="rewind .*extras"):
+        fit(_options(tmp_path / "e", rewind=str(tmp_path / "d" / "snapshots" / "iter1")))

@@ -173,8 +173,6 @@ def export_onnx(
     seconds = {}
     t = time.perf_counter()
     module = _inference_module(detector, half=half)
-    n_boxes = jax.eval_shape(lambda x: family.export_tensor(module(x), spec),
-                                     jax.ShapeDtypeStruct((1, h, w, 3), jnp.float16 if half else jnp.float32)).shape[1]
     try:
         model = _convert(module, family, spec, (h, w), batch=batch, half=half, opset=opset,
                          output_name="decoded" if nms else OUTPUT_NAME)
@@ -182,6 +180,7 @@ def export_onnx(
         raise
     except Exception as e:  # jax2onnx raises many kinds on an unsupported primitive
         raise ExportError(f"export_onnx: jax2onnx could not convert {spec.name} ({type(e).__name__}: {e})") from e
+    n_boxes = model.graph.output[0].type.tensor_type.shape.dim[1].dim_value  # the published tensor's N
     if nms:
         _append_nms(model, "decoded", layout=family.export_layout, nc=spec.nc, n_boxes=n_boxes,
                     conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
