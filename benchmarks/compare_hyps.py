@@ -12,7 +12,8 @@ import argparse
 import json
 
 from jaxyolo import hyp as H
-from jaxyolo.train_loop import TrainOptions, fit
+from jaxyolo.train_loop import fit
+from jaxyolo.train_options import TrainOptions
 
 
 def main():
@@ -28,9 +29,10 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    opts = TrainOptions(model=args.model, data=args.data, weights=args.weights, img_size=args.img,
-                        batch_size=args.batch, nominal_batch=args.nominal_batch, min_warmup_iters=0,
-                        epochs=args.epochs, eval_every=args.epochs, seed=args.seed, out=args.out)
+    opts = TrainOptions().updated({
+        "model.name": args.model, "model.weights": args.weights, "data.source": args.data, "data.img_size": args.img,
+        "data.batch_size": args.batch, "optim.nominal_batch": args.nominal_batch, "recipe.min_warmup_iters": 0,
+        "optim.epochs": args.epochs, "eval.every": args.epochs, "seed": args.seed, "out": args.out})
     res = fit(opts, hyps=[H.load_hyp(h) for h in args.hyps])
     last = {r["member"] if "member" in r else 0: r for r in res.history}
     for m, h in enumerate(args.hyps):

@@ -12,7 +12,7 @@ xla_cpu.apply_defaults()  # before anything starts a JAX backend (see jaxyolo.xl
 
 from jaxyolo.api import Detector, create_model, load, load_torch
 from jaxyolo.errors import CheckpointError, ConfigError, JaxyoloError
-from jaxyolo.models.config import available_models
+from jaxyolo.families import model_names as available_models
 
 __version__ = "0.1.0"
 

@@ -276,7 +276,7 @@ def create_model(
     the table's. `abstract=True` builds shapes only (no values, instant even for the largest
     models): enough for `num_params`, `gflops`, `layer_table` and `state_dict` key listings.
     """
-    table_name, table = mcfg.load_table(name)
+    table_name, table = families.load_model_table(name)
     family = families.of_table(table, f"model table {table_name!r}")
     fields = {} if anchors is None else {"anchors": anchors}
     return _build(table, table_name, nc=num_classes, fields=fields, options=family.make_options(**options),
@@ -361,7 +361,7 @@ def load_torch(name: str | Path, path: str | Path, *, num_classes: int | None = 
 
     from jaxyolo.models.yolo import ModelOptions
 
-    table_name, table = mcfg.load_table(name)
+    table_name, table = families.load_model_table(name)
     if families.of_table(table).name != "yolov4":
         raise ConfigError(f"load_torch: {table_name} is not a YOLOv4 table (reference checkpoints are YOLOv4's)")
     spec = mcfg.resolve(table, name=table_name)

@@ -51,7 +51,8 @@ from jaxyolo.data.sources import open_dataset
 from jaxyolo.errors import CheckpointError, ConfigError, JaxyoloError
 from jaxyolo.files import atomic_write_text, crc32, quiet_logger, reason
 from jaxyolo.records import EpochRecord, Losses
-from jaxyolo.validate import DEFAULT_IOU_TRAIN, validate_population
+from jaxyolo.train_options import REPORTING, TrainOptions, flatten, from_flat_names
+from jaxyolo.validate import validate_population
 
 log = logging.getLogger("jaxyolo.train")
 STATE_FORMAT = "jaxyolo-train-state/4"  # 4: TrainState.extras; 3: leaves packed per dtype (`_StateStore`)
@@ -59,77 +60,6 @@ STATE_FORMAT = "jaxyolo-train-state/4"  # 4: TrainState.extras; 3: leaves packed
 
 class TrainingError(JaxyoloError):
     """A run that cannot go on (e.g. too many non-finite losses in a row)."""
-
-
-@dataclasses.dataclass
-class TrainOptions:
-    model: str = "yolov4s"
-    data: str = "synthetic"  # see jaxyolo.data.sources.open_dataset
-    hyp: Any = "default"  # bundled name, path or mapping (reference key names), with its recipe keys
-    img_size: int = 640
-    batch_size: int = 64  # images per iteration over all devices
-    epochs: int = 300
-    out: str = "runs/train/exp"
-    weights: str | None = None  # start from a jaxyolo checkpoint, a .pt or a .npz
-    seed: int = 0
-    head: str = "implicit"
-    kst: int = 3
-    kst_draw: str = "step"
-    act: str = "silu"
-    dtype: str | None = None  # "bfloat16": bf16 compute, float32 master weights
-    max_boxes: int = 100
-    workers: int = 0
-    cache_mb: int = 1024  # resized training images kept in memory (data.pipeline.ResizedCache); 0: off
-    nominal_batch: int = 64
-    # None: the hyp file's recipe value (jaxyolo.hyp.RECIPE_DEFAULTS where the file has none)
-    min_warmup_iters: int | None = None
-    gain_rule: str | None = None  # "per-class", "reference" or "yolov5" (jaxyolo.hyp.loss_gains)
-    close_mosaic: int | None = None  # last epochs without mosaic
-    autoanchor: bool | None = None  # refit anchors that cover the data badly (jaxyolo.anchors)
-    schedule: str = "cosine"
-    eval_every: int = 1  # epochs; the last epoch is always evaluated
-    eval_batch_size: int = 16
-    conf_thres: float = 0.001
-    iou_thres: float = DEFAULT_IOU_TRAIN
-    save_every: int = 0  # iterations between training-state checkpoints (0: epoch ends only)
-    max_nonfinite: int = 10  # non-finite iterations in a row before the run stops
-    train_split: str = "train"
-    val_split: str = "val"
-    mesh_pop: int | None = None  # devices along 'pop' (default: as many as divide P)
-    subset: int | None = None  # train on the first N images only (quick runs, multi-fidelity search)
-    teacher: str | None = None  # distil from this jaxyolo checkpoint folder (its EMA / inference weights)
-    kd_features: bool = False  # with a teacher: feature imitation at P3-P5 through 1x1 adapters (hyp kd_feat)
-    # One initialisation seed per population member (repeated runs of one hyp set trained together:
-    # the members share the data order of `seed`; weights, adapters, augmentation and KST draws differ).
-    init_seeds: Sequence[int] | None = None
-    plots: bool = True  # results.png, PR_curve.png, val_predictions.jpg (off for search trials and pipeline units)
-    save_weights: bool = True  # weights/{last,best} per member (search trials keep only their metrics)
-    # iterations whose training state is kept as a named snapshot, snapshots/iter<k> (with the raw
-    # weights as a detector, weights/iter<k>): rewind points
-    snapshots: Sequence[int] = ()
-    # start from a snapshot folder (snapshots/iter<k> of an earlier run with the same data, batch and
-    # population): its whole training state, continuing at iteration k (lottery-ticket rewinding)
-    rewind: str | None = None
-
-    def check(self):
-        for name in ("img_size", "batch_size", "epochs", "max_boxes", "eval_every", "eval_batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name}: expected a positive integer, got {v!r}")
-        if not isinstance(self.cache_mb, int) or self.cache_mb < 0:
-            raise ConfigError(f"cache_mb: expected an integer >= 0, got {self.cache_mb!r}")
-        if self.img_size % 32:
-            raise ConfigError(f"img_size: must be a multiple of 32 (the largest stride), got {self.img_size}")
-        if self.init_seeds is not None:
-            if not self.init_seeds or not all(isinstance(s, int) and s >= 0 for s in self.init_seeds):
-                raise ConfigError(f"init_seeds: expected a non-empty list of integers >= 0, got {self.init_seeds!r}")
-            if self.weights:
-                raise ConfigError("init_seeds: the members would all start from `weights`; give one or the other")
-        if not all(isinstance(k, int) and k >= 0 for k in self.snapshots):
-            raise ConfigError(f"snapshots: expected iterations (integers >= 0), got {self.snapshots!r}")
-        if self.rewind and (self.weights or self.init_seeds is not None):
-            raise ConfigError("rewind: the run starts from the snapshot's state; `weights` and `init_seeds` "
-                              "cannot be given with it")
 
 
 @dataclasses.dataclass
@@ -153,14 +83,14 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     options.check()
     out = Path(options.out)
     emit = progress or (lambda info: None)
-    train_ds = open_dataset(options.data, options.train_split)
-    val_ds = open_dataset(options.data, options.val_split)
-    if options.subset:
+    train_ds = open_dataset(options.data.source, options.data.train_split)
+    val_ds = open_dataset(options.data.source, options.data.val_split)
+    if options.data.subset:
         from jaxyolo.data.dataset import Subset
 
-        train_ds = Subset(train_ds, range(min(options.subset, len(train_ds))))
+        train_ds = Subset(train_ds, range(min(options.data.subset, len(train_ds))))
     if train_ds.num_classes != val_ds.num_classes:
-        raise ConfigError(f"data {options.data}: train has {train_ds.num_classes} classes, val {val_ds.num_classes}")
+        raise ConfigError(f"data {options.data.source}: train has {train_ds.num_classes} classes, val {val_ds.num_classes}")
     recipe = run_recipe(options)
     det = _initial_detector(options, train_ds.num_classes)
     teacher = _teacher(options)
@@ -174,49 +104,49 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     hyp_list = [H.load_hyp(h, num_levels=nl, family=det.family) for h in (hyps or [options.hyp])]
     if teacher is not None and D.kd_weights_zero(hyp_list):
         log.warning("teacher %s: every kd_* weight of the hyp set(s) is 0, so distillation adds nothing "
-                    "(set kd_obj, kd_cls, kd_box or kd_feat in the hyp file)", options.teacher)
+                    "(set kd_obj, kd_cls, kd_box or kd_feat in the hyp file)", options.distill.teacher)
     if options.init_seeds is not None and len(options.init_seeds) != len(hyp_list):
         if hyps is not None:
             raise ConfigError(f"init_seeds: {len(options.init_seeds)} seeds for {len(hyp_list)} hyp sets")
         hyp_list = hyp_list * len(options.init_seeds)  # one hyp set, repeated per seed
     pop = len(hyp_list)
-    nb = len(train_ds) // options.batch_size
+    nb = len(train_ds) // options.data.batch_size
     if nb < 1:
-        raise ConfigError(f"data {options.data}: {len(train_ds)} training images is fewer than one batch "
-                          f"of {options.batch_size}")
-    cfg = T.TrainConfig(epochs=options.epochs, batches_per_epoch=nb, batch_size=options.batch_size,
-                        img_size=options.img_size, nominal_batch=options.nominal_batch,
-                        min_warmup_iters=recipe["min_warmup_iters"], schedule=options.schedule,
+        raise ConfigError(f"data {options.data.source}: {len(train_ds)} training images is fewer than one batch "
+                          f"of {options.data.batch_size}")
+    cfg = T.TrainConfig(epochs=options.optim.epochs, batches_per_epoch=nb, batch_size=options.data.batch_size,
+                        img_size=options.data.img_size, nominal_batch=options.optim.nominal_batch,
+                        min_warmup_iters=recipe["min_warmup_iters"], schedule=options.optim.schedule,
                         gain_rule=recipe["gain_rule"], augment=True)
     mesh = _mesh(pop, options)
     pop_sharding = NamedSharding(mesh, P("pop"))
     data_sharding = NamedSharding(mesh, P("data"))
     augment = functools.partial(augment_host_batch, mixup_rows=any(h["mixup"] > 0 for h in hyp_list),
                                 axis_aligned=all(h[k] == 0 for h in hyp_list for k in AXIS_ALIGNED_KEYS))
-    single_rows, mosaic_rows = _box_rows(train_ds, options.max_boxes)
+    single_rows, mosaic_rows = _box_rows(train_ds, options.data.max_boxes)
     if teacher is None:
         member_step = T.make_train_step(det, cfg, augment_fn=augment, hooks=hooks)
         shared: tuple = ()
         init_one = lambda d, seed: T.with_run(T.init_state(d), cfg)
     else:
-        member_step = D.make_distill_step(det, teacher, cfg, augment_fn=augment, features=options.kd_features,
+        member_step = D.make_distill_step(det, teacher, cfg, augment_fn=augment, features=options.distill.features,
                                           hooks=hooks)
         shared = (jax.device_put(D.teacher_params(teacher), NamedSharding(mesh, P())),)
-        init_one = lambda d, seed: T.with_run(D.init_state(d, teacher, features=options.kd_features, seed=seed), cfg)
+        init_one = lambda d, seed: T.with_run(D.init_state(d, teacher, features=options.distill.features, seed=seed), cfg)
     use_mosaic = any(h["mosaic"] > 0 for h in hyp_list)
     hyp_arr = jax.device_put(H.stack(hyp_list), pop_sharding)
     # the last `close_mosaic` epochs train on single images (same arrays, same compiled step)
     hyp_closed = jax.device_put(H.stack([{**h, "mosaic": 0.0} for h in hyp_list]), pop_sharding)
-    first_closed = options.epochs - recipe["close_mosaic"]
-    det.training = {"img_size": options.img_size, "recipe": recipe, "hyp": hyp_list[0], "data": str(options.data)}
+    first_closed = options.optim.epochs - recipe["close_mosaic"]
+    det.training = {"img_size": options.data.img_size, "recipe": recipe, "hyp": hyp_list[0], "data": str(options.data.source)}
     graphdef = nnx.split(det.model, nnx.Param, nnx.BatchStat)[0]
 
     writer = _Background()  # every checkpoint write of the run, in order, off the training thread
     store = _StateStore(out / "state", writer)
-    meta = {"format": STATE_FORMAT, "options": _jsonable(dataclasses.asdict(options)), "hyps": hyp_list,
+    meta = {"format": STATE_FORMAT, "options": options.to_dict(), "hyps": hyp_list,
             "batches_per_epoch": nb, "population": pop, "paths": _resolved_paths(options)}
     state = initial_population(options, det, pop, init_one)
-    if options.rewind and not (resume and store.exists()):
+    if options.checkpoint.rewind and not (resume and store.exists()):
         state = _rewound(options, state, meta, writer)
     if hooks is not None and hooks.init is not None:
         state = jax.vmap(hooks.init)(state)  # a resumed run's values replace these below
@@ -261,9 +191,9 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         store.save(state, {**meta, "step": step, "best_fitness": best, "elapsed": time.time() - t_start,
                            "epoch_sums": epoch_sums})
 
-    cache = ResizedCache(train_ds, options.img_size, options.cache_mb << 20) if options.cache_mb else None
+    cache = ResizedCache(train_ds, options.data.img_size, options.data.cache_mb << 20) if options.data.cache_mb else None
     heap = _SettledHeap()
-    snapshots = set(options.snapshots)
+    snapshots = set(options.checkpoint.snapshots)
 
     def snapshot(state):
         _StateStore(out / "snapshots" / f"iter{step}", writer).save(state, {**meta, "step": step})
@@ -277,10 +207,10 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         while step < cfg.total_iters:
             t_epoch = time.time()
             epoch, start_batch = divmod(step, nb)
-            batches = train_batches(train_ds, img_size=options.img_size, batch_size=options.batch_size,
+            batches = train_batches(train_ds, img_size=options.data.img_size, batch_size=options.data.batch_size,
                                     max_boxes=single_rows, mosaic_max_boxes=mosaic_rows, seed=options.seed,
                                     epoch=epoch, mosaic=use_mosaic, start_batch=start_batch,
-                                    num_workers=options.workers, cache=cache)
+                                    num_workers=options.data.workers, cache=cache)
             sums, count, pending = None, 0, None
             if start_batch and resumed_sums:  # the epoch's running averages continue exactly
                 count = np.asarray(resumed_sums["count"], np.int64)
@@ -298,7 +228,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
                 step += 1
                 if step in snapshots:
                     snapshot(jax.tree.unflatten(treedef, leaves))
-                if options.save_every and step % options.save_every == 0 and step % nb:
+                if options.checkpoint.every and step % options.checkpoint.every == 0 and step % nb:
                     events: list[dict] = []  # announced once the state that follows them is on disk
                     sums, count = _accumulate(sums, count, pending, options, step - 1, events.append)
                     pending = None
@@ -312,7 +242,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
             state = jax.tree.unflatten(treedef, leaves)
             last_epoch = step >= cfg.total_iters
             t_val = time.time()
-            if (epoch + 1) % options.eval_every == 0 or last_epoch:
+            if (epoch + 1) % options.eval.every == 0 or last_epoch:
                 results = _evaluate(graphdef, det, state, hyp_arr, val_ds, options, recipe["gain_rule"])
                 timing["time/val_s"] = time.time() - t_val
             else:
@@ -323,7 +253,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
                 rec = _record(epoch, step, time.time() - t_start, sums, count, m, results[m], pop,
                               float(np.asarray(pending["lr"])[m]), timing, terms=terms, levels=levels)
                 records.append(rec)
-                if results[m] is not None and options.save_weights:
+                if results[m] is not None and options.checkpoint.save_weights:
                     # device-side slices: fresh buffers that the next step's donation cannot touch
                     member_det = T.ema_detector(det, T.member(state, m))
                     folder = out / "weights" / (f"member{m}" if pop > 1 else "")
@@ -333,13 +263,13 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
             history.extend(records)
             rows = [r.row() for r in records]
             _write_csv(out / "results.csv", [r.row() for r in history])
-            if results[0] is not None and options.plots:
+            if results[0] is not None and options.eval.plots:
                 _eval_plots(out, results[0], val_ds)
             for row in rows:
                 tb.scalars({k: v for k, v in row.items() if isinstance(v, float) and np.isfinite(v)},
                            step=epoch, prefix=f"member{row['member']}/" if pop > 1 else "")
             save(state, None, None)
-            emit({"event": "epoch", "epoch": epoch, "epochs": options.epochs, "rows": rows})
+            emit({"event": "epoch", "epoch": epoch, "epochs": options.optim.epochs, "rows": rows})
             heap.settle()
     except BaseException:
         if fresh and not saves[0]:  # stopped before its first saved state: nothing to resume from
@@ -358,7 +288,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     dets = []
     for m in range(pop):
         dets.append(T.ema_detector(det, T.member(final, m)))
-    if options.plots:
+    if options.eval.plots:
         _plots(out)
     emit({"event": "end", "out": str(out), "best_fitness": best})
     return RunResult(out=out, records=history, best_fitness=best, detectors=dets)
@@ -381,7 +311,7 @@ def _box_rows(train_ds, cap: int) -> tuple[int, int]:
 
 def run_recipe(options: TrainOptions) -> dict:
     """The run-level settings of `options`: its hyp file's recipe keys, then the options that are set."""
-    return H.load_recipe(options.hyp, overrides={k: getattr(options, k) for k in H.RECIPE_DEFAULTS})
+    return H.load_recipe(options.hyp, overrides=dataclasses.asdict(options.recipe))
 
 
 def _run_anchors(options: TrainOptions, recipe: dict, det, teacher, train_ds):
@@ -389,51 +319,28 @@ def _run_anchors(options: TrainOptions, recipe: dict, det, teacher, train_ds):
     them) and what was checked (None: nothing). With
     `autoanchor`, the teacher's when distilling (student and teacher must predict alike), else the
     table's refitted to the training boxes when they cover them badly (`jaxyolo.anchors`)."""
-    if not recipe["autoanchor"] or options.weights or getattr(det.spec, "anchors", None) is None:
+    if not recipe["autoanchor"] or options.model.weights or getattr(det.spec, "anchors", None) is None:
         return None, None
     if teacher is not None:
         return [[v for wh in lvl for v in wh] for lvl in teacher.spec.anchors], {"from": "teacher"}
     from jaxyolo.anchors import check_anchors
 
     anchor_t = float(H.load_hyp(options.hyp, num_levels=len(det.spec.strides))["anchor_t"])
-    return check_anchors(train_ds, det.spec.anchors, options.img_size, anchor_t, seed=options.seed)
+    return check_anchors(train_ds, det.spec.anchors, options.data.img_size, anchor_t, seed=options.seed)
 
 
 def _initial_detector(options: TrainOptions, nc: int, anchors=None):
     import jaxyolo
 
-    if options.weights:
-        w = Path(options.weights)
-        det = jaxyolo.load_torch(options.model, w, num_classes=nc) if w.suffix in (".pt", ".pth", ".npz") \
+    if options.model.weights:
+        w = Path(options.model.weights)
+        det = jaxyolo.load_torch(options.model.name, w, num_classes=nc) if w.suffix in (".pt", ".pth", ".npz") \
             else jaxyolo.load(w)
         if det.num_classes != nc:
             raise ConfigError(f"weights {w}: {det.num_classes} classes, the data has {nc}")
         return det
-    return jaxyolo.create_model(options.model, num_classes=nc, anchors=anchors, seed=options.seed,
-                                **model_options(options))
-
-
-MODEL_OPTIONS = ("head", "kst", "kst_draw", "act", "dtype")  # TrainOptions fields that are model options
-
-
-def model_options(options: TrainOptions) -> dict:
-    """The model options of `options` that its model's family takes. One it does not take is an
-    error when set away from its default (a YOLOv4 head setting asked of another family)."""
-    from jaxyolo import families
-
-    family = families.of_model(options.model)
-    name = options.model
-    known = {f.name for f in dataclasses.fields(family.options_type)}
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainOptions)}
-    out = {}
-    for k in MODEL_OPTIONS:
-        v = getattr(options, k)
-        if k in known:
-            out[k] = v
-        elif v != defaults[k]:
-            raise ConfigError(f"{k}={v!r}: not an option of the {family.name} family of model {name!r} "
-                              f"(it takes {sorted(known)})")
-    return out
+    return jaxyolo.create_model(options.model.name, num_classes=nc, anchors=anchors, seed=options.seed,
+                                **options.model.options)
 
 
 def initial_population(options: TrainOptions, det, pop: int, init_one=None) -> T.TrainState:
@@ -453,13 +360,11 @@ def initial_population(options: TrainOptions, det, pop: int, init_one=None) -> T
 
 def _teacher(options: TrainOptions):
     """The teacher detector of a distillation run (None without one)."""
-    if not options.teacher:
-        if options.kd_features:
-            raise ConfigError("kd_features: feature imitation needs a teacher (--teacher)")
+    if not options.distill.teacher:
         return None
     import jaxyolo
 
-    return jaxyolo.load(Path(options.teacher))
+    return jaxyolo.load(Path(options.distill.teacher))
 
 
 def _mesh(pop: int, options: TrainOptions):
@@ -469,7 +374,7 @@ def _mesh(pop: int, options: TrainOptions):
     else:  # as many devices on 'pop' as divide both P and the device count; the rest on 'data'
         mp = max(d for d in range(1, n + 1) if n % d == 0 and pop % d == 0)
     data = n // mp
-    while data > 1 and options.batch_size % data:
+    while data > 1 and options.data.batch_size % data:
         data -= 1
     return T.make_mesh(mp, data)
 
@@ -497,17 +402,17 @@ def _accumulate(sums, count, metrics, options, step, emit):
         sums[k] = sums.get(k, np.zeros_like(v)) + np.where(w, v, 0)  # (a key a resumed epoch lacks starts at 0)
     count = count + finite
     emit({"event": "step", "step": step, "loss": vals["loss"], "lr": np.asarray(m["lr"]), "finite": finite})
-    if np.any(run >= options.max_nonfinite):
-        raise TrainingError(f"iteration {step}: {options.max_nonfinite} non-finite losses in a row; stopped. "
+    if np.any(run >= options.optim.max_nonfinite):
+        raise TrainingError(f"iteration {step}: {options.optim.max_nonfinite} non-finite losses in a row; stopped. "
                             f"The last checkpoint in {options.out} is intact (lower lr0, check the data).")
     return sums, count
 
 
 def _evaluate(graphdef, det, state, hyp_arr, val_ds, options, gain_rule):
     return validate_population(graphdef, det.spec, state.ema_params, state.ema_stats, hyp_arr, val_ds,
-                               img_size=options.img_size, gain_rule=gain_rule,
-                               batch_size=options.eval_batch_size, conf_thres=options.conf_thres,
-                               iou_thres=options.iou_thres, max_boxes=options.max_boxes)
+                               img_size=options.data.img_size, gain_rule=gain_rule,
+                               batch_size=options.eval.batch_size, conf_thres=options.eval.conf_thres,
+                               iou_thres=options.eval.iou_thres, max_boxes=options.data.max_boxes)
 
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the COCO stats a record keeps
@@ -635,10 +540,10 @@ class _Background:
 
 
 def _rewound(options: TrainOptions, template, meta: dict, writer) -> T.TrainState:
-    """The population's state from the snapshot `options.rewind`, with this run's length. A snapshot
+    """The population's state from the snapshot `options.checkpoint.rewind`, with this run's length. A snapshot
     of a run with extras does not fit the template (which has none) and is refused, naming them;
     the run's `StepHooks.init` sets its own."""
-    folder = Path(options.rewind)
+    folder = Path(options.checkpoint.rewind)
     store = _StateStore(folder, writer)
     if not folder.is_dir() or not store.exists():
         raise ConfigError(f"rewind {folder}: no snapshot there (a snapshots/iter<k> folder of an earlier run)")
@@ -676,26 +581,45 @@ def _check_resumable(saved: dict, meta: dict) -> None:
         saved_hyps = saved.get("hyps")
     if json.loads(json.dumps(saved_hyps)) != json.loads(json.dumps(meta["hyps"])):
         raise ConfigError("resume: the hyper-parameters differ from the saved run's (see its hyp.yaml)")
-    defaults = _jsonable({f.name: f.default for f in dataclasses.fields(TrainOptions)})
-    a, b = {**defaults, **saved["options"]}, meta["options"]
-    # a file option names the same file however it was typed (relative to another folder, absolute)
-    a_paths, b_paths = saved.get("paths") or {}, meta.get("paths") or {}
+    a = _without_default_model_options({**flatten(TrainOptions().to_dict()), **_saved_options(saved["options"])})
+    b = _without_default_model_options(flatten(meta["options"]))
+    # a file setting names the same file however it was typed (relative to another folder, absolute)
+    a_paths, b_paths = from_flat_names(saved.get("paths") or {}), meta.get("paths") or {}
     same = lambda k: (a_paths[k] == b_paths[k]) if k in a_paths and k in b_paths else a.get(k) == b.get(k)  # noqa: E731
-    diff = [k for k in b if k not in ("out", "workers", "cache_mb", "eval_every", "eval_batch_size",
-                                  "plots", "save_weights") and not same(k)]
+    diff = [k for k in sorted(set(a) | set(b)) if k not in REPORTING and not same(k)]
     if diff:
         shown = "; ".join(f"{k}: saved {a.get(k)!r}, given {b.get(k)!r}" for k in diff)
         raise ConfigError(f"resume: options differ from the saved run ({shown})")
 
 
-PATH_OPTIONS = ("data", "hyp", "weights", "teacher", "rewind")
+PATH_OPTIONS = ("data.source", "hyp", "model.weights", "distill.teacher", "checkpoint.rewind")
+
+
+def _saved_options(saved: dict) -> dict:
+    """A saved run's settings by dotted name, whether saved nested or under the flat names of
+    runs written before the settings were grouped."""
+    if isinstance(saved.get("model"), dict):
+        return flatten(saved)
+    return flatten(TrainOptions().updated(from_flat_names(saved)).to_dict())
+
+
+def _without_default_model_options(flat: dict) -> dict:
+    """`flat` less the model options that equal their family's defaults (set or not, the same model)."""
+    from jaxyolo import families
+
+    try:
+        family = families.of_model(flat["model.name"])
+    except JaxyoloError:  # a table that is gone: compare as written
+        return flat
+    defaults = {f"model.options.{f.name}": f.default for f in dataclasses.fields(family.options_type)}
+    return {k: v for k, v in flat.items() if k not in defaults or v != defaults[k]}
 
 
 def _resolved_paths(options: TrainOptions) -> dict:
-    """{option: absolute real path} for the file options that name an existing file or folder."""
+    """{setting: absolute real path} for the file settings that name an existing file or folder."""
     out = {}
     for k in PATH_OPTIONS:
-        v = getattr(options, k)
+        v = options.get(k)
         if isinstance(v, (str, os.PathLike)) and os.path.exists(v):
             out[k] = os.path.realpath(v)
     return out

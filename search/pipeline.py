@@ -44,16 +44,18 @@ from jaxyolo import hyp as H
 from jaxyolo.errors import ConfigError
 from jaxyolo.files import atomic_write_text, read_document
 from jaxyolo.search.stages import DEPENDS, STAGES, UNITS
+from jaxyolo.train_options import FLAT_NAMES, TrainOptions, flatten
 
 log = logging.getLogger("jaxyolo.pipeline")
 
-FORMAT = "jaxyolo-pipeline/1"
-# the keys of a pipeline's `search` section that set the trials' training (the rest: the search's own)
-SEARCH_TRAIN_KEYS = ("img_size", "batch_size", "nominal_batch", "min_warmup_iters", "subset")
-SEARCH_KEYS = ("space", "population", "generations", "trial_epochs", "subset", "grid_dims", "grid_step",
-               "img_size", "batch_size", "nominal_batch", "min_warmup_iters", "parent", "elite", "top_n", "mp",
-               "sigma")
+FORMAT = "jaxyolo-pipeline/2"  # 2: the training settings are the `train` tree; 1: copied at the top level
+SEARCH_KEYS = ("space", "population", "generations", "trial_epochs", "grid_dims", "grid_step", "parent", "elite",
+               "top_n", "mp", "sigma", "train")
 DISTILL_KEYS = ("kd_obj", "kd_cls", "kd_box", "kd_feat", "kd_T", "kd_conf", "features")
+# the training settings each stage sets itself (from `data`, `student`, `teacher`, `seeds`, `distill`)
+STAGE_SETTINGS = ("model.name", "model.weights", "model.options.head", "model.options.kst", "data.source", "out",
+                  "init_seeds", "eval.every", "eval.iou_thres", "distill.teacher", "distill.features")
+TRIAL_SETTINGS = {"recipe.min_warmup_iters": 0}  # search trials: on top of `train`, under `search.train`
 
 
 @dataclasses.dataclass
@@ -69,30 +71,26 @@ class PipelineConfig:
     data: str  # trains every stage; its `val` split is the held-out evaluation of the report
     student: ModelChoice
     teacher: ModelChoice
-    img_size: int = 640
-    batch_size: int = 64
-    epochs: int = 300
-    teacher_epochs: int | None = None  # default: epochs
+    # the settings every training stage starts from (`jaxyolo.train_options.TrainOptions`:
+    # data.img_size, data.batch_size, optim.epochs, hyp, ...; the stages set STAGE_SETTINGS)
+    train: TrainOptions = dataclasses.field(default_factory=TrainOptions)
+    teacher_epochs: int | None = None  # default: train.optim.epochs
     search_data: str | None = None  # default: data (then the report says the search saw val)
-    hyp: str = "default"  # the default hyps (A, B, D)
-    nominal_batch: int = 64
-    min_warmup_iters: int | None = None  # None: the hyp file's recipe value
-    subset: int | None = None  # train stages on the first N training images (quick checks)
     seeds: int = 1
-    search: dict = dataclasses.field(default_factory=dict)  # SearchOptions fields
+    # SearchOptions fields, and under `train` the trials' settings on top of the pipeline's `train`
+    search: dict = dataclasses.field(default_factory=dict)
     distill: dict = dataclasses.field(default_factory=lambda: {"kd_obj": 1.0, "kd_cls": 1.0, "kd_box": 0.05})
     deploy: dict = dataclasses.field(default_factory=lambda: {"img": [416, 640], "runs": 50, "warmup": 10})
-    workers: int = 0
 
     def check(self) -> None:
-        for k in ("img_size", "batch_size", "epochs", "seeds", "nominal_batch"):
-            v = getattr(self, k)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{k}: expected a positive integer, got {v!r}")
+        try:
+            self.train.check()
+        except ConfigError as e:
+            raise ConfigError(f"train.{e}") from None
+        if not isinstance(self.seeds, int) or isinstance(self.seeds, bool) or self.seeds < 1:
+            raise ConfigError(f"seeds: expected a positive integer, got {self.seeds!r}")
         if self.teacher_epochs is not None and (not isinstance(self.teacher_epochs, int) or self.teacher_epochs < 1):
             raise ConfigError(f"teacher_epochs: expected a positive integer, got {self.teacher_epochs!r}")
-        if self.img_size % 32:
-            raise ConfigError(f"img_size: must be a multiple of 32, got {self.img_size}")
         for who in ("student", "teacher"):
             m = getattr(self, who)
             if m.head not in ("detect", "implicit"):
@@ -105,7 +103,7 @@ class PipelineConfig:
         bad = sorted(set(self.distill) - set(DISTILL_KEYS))
         if bad:
             raise ConfigError(f"distill: unknown key(s) {', '.join(bad)}; known: {', '.join(DISTILL_KEYS)}")
-        H.load_hyp({**H.load_hyp(self.hyp), **self.kd_weights()})  # names and ranges of the kd weights
+        H.load_hyp({**H.load_hyp(self.train.hyp), **self.kd_weights()})  # names and ranges of the kd weights
         bad = sorted(set(self.deploy) - {"img", "runs", "warmup", "threads"})
         if bad:
             raise ConfigError(f"deploy: unknown key(s) {', '.join(bad)}; known: img, runs, warmup, threads")
@@ -117,7 +115,7 @@ class PipelineConfig:
         return {k: float(v) for k, v in self.distill.items() if k != "features"}
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
 
 def bundled() -> list[str]:
@@ -150,9 +148,16 @@ def load_config(source: str | Path, overrides: Mapping[str, Any] | None = None) 
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value, path)
     fields = {f.name for f in dataclasses.fields(PipelineConfig)}
+    moved = {k: FLAT_NAMES.get(k, k) for k in raw if k not in fields and (k in FLAT_NAMES or k == "hyp")}
+    if moved:
+        raise ConfigError(f"config {path}: " + "; ".join(f"{k} is now train.{v}" for k, v in moved.items())
+                          + " (the training settings are one `train:` tree)")
     unknown = sorted(set(raw) - fields)
     if unknown:
         raise ConfigError(f"config {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    raw["train"] = _train_settings(raw.get("train") or {}, "train", path)
+    if isinstance(raw.get("search"), dict) and "train" in raw["search"]:
+        _train_settings(raw["search"]["train"] or {}, "search.train", path)  # checked here, applied per trial
     for req in ("data", "student", "teacher"):
         if req not in raw:
             raise ConfigError(f"config {path}: missing required key {req!r}")
@@ -184,15 +189,19 @@ def load_config(source: str | Path, overrides: Mapping[str, Any] | None = None) 
     return cfg
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """`key=value` with the value read as YAML (`epochs=2`, `student.model=yolov4p`, `deploy.img=[64]`)."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE")
-    key, value = text.split("=", 1)
+def _train_settings(raw, where: str, path: Path):
+    """The `train` tree of a pipeline config (or a search's trial settings), refusing the settings
+    the stages set themselves."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config {path}: {where}: expected a mapping of training settings")
+    staged = sorted(set(flatten(raw)) & set(STAGE_SETTINGS))
+    if staged:
+        raise ConfigError(f"config {path}: {', '.join(f'{where}.{k}' for k in staged)}: set by each stage "
+                          "(from data, student, teacher, seeds, distill), not here")
     try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({e})") from None
+        return TrainOptions.from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"config {path}: {where}.{e}") from None
 
 
 def _set_dotted(raw: dict, key: str, value, path: Path) -> None:
@@ -220,36 +229,34 @@ def _resolve_data(value: str, base: Path) -> str:
 def plan(cfg: PipelineConfig, out: str | Path) -> dict[str, dict]:
     """What each unit runs, by unit name (see `UNITS`): train units carry TrainOptions (their `hyp`
     names the row hyp sets, resolved when the unit starts), search units SearchOptions."""
-    from jaxyolo.search.runner import SearchOptions, trial_defaults
-    from jaxyolo.train_loop import TrainOptions
+    from jaxyolo.search.runner import SearchOptions
     from jaxyolo.validate import DEFAULT_IOU_TEST
 
     out = Path(out)
     seeds = list(range(cfg.seeds))
-    student_plain = {"model": cfg.student.model, "head": cfg.student.head, "kst": cfg.student.kst}
-    student_kst = {"model": cfg.student.model, "head": "implicit", "kst": cfg.student.kst}
-    teacher = {"model": cfg.teacher.model, "head": cfg.teacher.head, "kst": cfg.teacher.kst}
+    model = lambda who, head: {"model.name": who.model, "model.options.head": head,  # noqa: E731
+                               "model.options.kst": who.kst}
+    student_plain, student_kst = model(cfg.student, cfg.student.head), model(cfg.student, "implicit")
+    teacher = model(cfg.teacher, cfg.teacher.head)
 
     def train(unit, model, rows, *, epochs=None, teacher_ckpt=None):
-        epochs = epochs or cfg.epochs
-        t = TrainOptions(**model, data=cfg.data, hyp=cfg.hyp, img_size=cfg.img_size, batch_size=cfg.batch_size,
-                         epochs=epochs, out=str(out / "stages" / unit / "train"), nominal_batch=cfg.nominal_batch,
-                         min_warmup_iters=cfg.min_warmup_iters, eval_every=epochs, iou_thres=DEFAULT_IOU_TEST,
-                         subset=cfg.subset, init_seeds=seeds * len(rows), teacher=teacher_ckpt,
-                         kd_features=bool(cfg.distill.get("features", False)) and bool(teacher_ckpt),
-                         workers=cfg.workers, plots=False)
+        epochs = epochs or cfg.train.optim.epochs
+        t = cfg.train.updated({
+            **model, "data.source": cfg.data, "optim.epochs": epochs, "out": str(out / "stages" / unit / "train"),
+            "eval.every": epochs, "eval.iou_thres": DEFAULT_IOU_TEST, "eval.plots": False,
+            "init_seeds": seeds * len(rows), "distill.teacher": teacher_ckpt,
+            "distill.features": bool(cfg.distill.get("features", False)) and bool(teacher_ckpt)})
         return {"kind": "train", "rows": rows, "options": t}
 
     def search(unit, model):
-        s = {"population": 8, "generations": 4, "trial_epochs": 3, "grid_dims": 2, "img_size": cfg.img_size,
-             "batch_size": cfg.batch_size, "nominal_batch": cfg.nominal_batch, **cfg.search}
-        trial = trial_defaults(**model, data=cfg.search_data or cfg.data, hyp=cfg.hyp, workers=cfg.workers, seed=0,
-                               **{k: s.pop(k) for k in SEARCH_TRAIN_KEYS if k in s})
+        s = {"population": 8, "generations": 4, "trial_epochs": 3, "grid_dims": 2, **cfg.search}
+        trial = cfg.train.updated({**TRIAL_SETTINGS, **flatten(s.pop("train", None) or {}), **model,
+                                   "data.source": cfg.search_data or cfg.data, "seed": 0})
         o = SearchOptions(train=trial, out=str(out / "stages" / unit / "search"), seed=0, **s)
         o.check()
         return {"kind": "search", "rows": {unit: unit}, "options": o}
 
-    t_epochs = cfg.teacher_epochs or cfg.epochs
+    t_epochs = cfg.teacher_epochs or cfg.train.optim.epochs
     # the distillation teacher: C's seed-0 member (members are row-major: B's seeds, then C's)
     teacher_ckpt = str(weights_folder(out / "stages" / "BC" / "train", cfg.seeds, 2 * cfg.seeds))
     return {
@@ -336,7 +343,8 @@ def config_changes(cfg: PipelineConfig, out: Path) -> list[str] | None:
         return None
     saved = read_document(saved_path, what="pipeline record", fmt="json")
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-        raise ConfigError(f"{saved_path}: unknown pipeline format {saved.get('format')!r}")
+        raise ConfigError(f"{saved_path}: pipeline format {saved.get('format')!r}, this jaxyolo reads {FORMAT!r} "
+                          "(a run of another version: use another --out)")
     return _diff(saved["config"], cfg.to_dict())
 
 
@@ -383,7 +391,7 @@ def row_hyp(name: str, cfg: PipelineConfig, results: dict) -> dict:
     """A row's hyp set by name: "default" (the config's `hyp`), "JHS_s" / "JHS_l" (a search's best),
     with "+kd" the config's distillation weights on top."""
     base, kd = name.split("+") if "+" in name else (name, None)
-    hyp = results[f"jhs_{base[-1]}"]["best_hyp"] if base.startswith("JHS_") else H.load_hyp(cfg.hyp)
+    hyp = results[f"jhs_{base[-1]}"]["best_hyp"] if base.startswith("JHS_") else H.load_hyp(cfg.train.hyp)
     return H.load_hyp({**hyp, **(cfg.kd_weights() if kd else {})})
 
 
@@ -423,9 +431,9 @@ def _train_unit(options, hyps: dict[str, dict], names: dict[str, str], emit) -> 
             m = r * len(seeds) + i
             per_seed.append({"seed": seed, "member": m, **{k: float(last[m].metrics[k]) for k in METRIC_KEYS},
                              "weights": str(weights_folder(folder, m, pop))})
-        out[row_name] = {"kind": "train", "model": options.model, "head": options.head, "kst": options.kst,
-                         "teacher": options.teacher, "hyp_name": names[row_name], "hyp": hyp,
-                         "epochs": options.epochs, "seeds": per_seed}
+        out[row_name] = {"kind": "train", "model": options.model.name, "head": options.model.options["head"],
+                         "kst": options.model.options["kst"], "teacher": options.distill.teacher,
+                         "hyp_name": names[row_name], "hyp": hyp, "epochs": options.optim.epochs, "seeds": per_seed}
     return out
 
 
@@ -436,7 +444,7 @@ def _search_stage(options, emit) -> dict:
     resume = folder.exists() and any(folder.iterdir())
     res = run_search(options, resume=resume, evaluate=train_evaluator(options, progress=emit), progress=emit)
     b = res.best
-    return {"kind": "search", "model": options.train.model, "trials": len(res.trials), "best_hyp": res.best_hyp,
+    return {"kind": "search", "model": options.train.model.name, "trials": len(res.trials), "best_hyp": res.best_hyp,
             "best": {k: b[k] for k in ("phase", "generation", "member", "fitness", "metrics")},
             "start_fitness": res.trials[0]["fitness"], "folder": str(folder)}
 
@@ -467,8 +475,8 @@ def _kst_stage(cfg: PipelineConfig, results: dict) -> dict:
     splits = [nnx.split(v.model, nnx.Param, nnx.BatchStat) for v in variants]
     stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)  # noqa: E731
     params, stats = stack([s[1] for s in splits]), stack([s[2] for s in splits])
-    hyp = H.stack([H.load_hyp(cfg.hyp)] * len(variants))
-    res = validate_population(graphdef, variants[0].spec, params, stats, hyp, val, img_size=cfg.img_size,
+    hyp = H.stack([H.load_hyp(cfg.train.hyp)] * len(variants))
+    res = validate_population(graphdef, variants[0].spec, params, stats, hyp, val, img_size=cfg.train.data.img_size,
                               iou_thres=DEFAULT_IOU_TEST)
     rows = [{**lab, **{k: float(r["coco"][k]) for k in METRIC_KEYS}} for lab, r in zip(labels, res)]
     return {"kind": "kst", "source": "D", "k": k, "rows": rows}
@@ -486,7 +494,7 @@ def _detections_picture(det, cfg: PipelineConfig, path: Path, n: int = 8) -> Pat
         drawn = []
         for i in range(min(n, len(val))):
             sample = val[i]
-            boxes, scores, classes = predict(det, sample.image, img_size=cfg.img_size, conf_thres=0.25)
+            boxes, scores, classes = predict(det, sample.image, img_size=cfg.train.data.img_size, conf_thres=0.25)
             drawn.append(plots.draw_detections(sample.image, boxes, classes, scores, val.names,
                                                gt_boxes=val.labels(i)[0]))
         return plots.save_grid(drawn, path, cols=4) if drawn else None

@@ -131,10 +131,11 @@ def write(cfg, out: Path, results: dict) -> Path:
     seeds = cfg.seeds
     lines = [f"# Pipeline report: {cfg.name}", ""]
     searched_on = cfg.search_data or cfg.data
+    data, epochs = cfg.train.data, cfg.train.optim.epochs
     lines += [f"Student `{cfg.student.model}` (KST K={cfg.student.kst}), teacher `{cfg.teacher.model}`; "
-              f"{cfg.img_size}×{cfg.img_size}, batch {cfg.batch_size}, {cfg.epochs} epochs "
-              f"(teacher {cfg.teacher_epochs or cfg.epochs})"
-              + (f", first {cfg.subset} training images" if cfg.subset else "")
+              f"{data.img_size}×{data.img_size}, batch {data.batch_size}, {epochs} epochs "
+              f"(teacher {cfg.teacher_epochs or epochs})"
+              + (f", first {data.subset} training images" if data.subset else "")
               + f"; {seeds} seed(s) per row.",
               f"Trained on `{cfg.data}` (train split), evaluated on its `val` split: final EMA weights, "
               "conf 0.001, NMS IoU 0.65, COCO metrics in %.",

@@ -33,7 +33,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -44,27 +45,30 @@ from jaxyolo.errors import ConfigError
 from jaxyolo.files import atomic_write_text, read_document
 from jaxyolo.search import evolve, trend
 from jaxyolo.search.space import SearchSpace
-from jaxyolo.train_loop import TrainOptions
+from jaxyolo.train_options import REPORTING, TrainOptions, flatten
 
 log = logging.getLogger("jaxyolo.search")
 
-LOG_FORMAT = "jaxyolo-search/2"  # 2: the trials' settings are `train.*` (SearchOptions.train)
+LOG_FORMAT = "jaxyolo-search/3"  # 3: the trials' settings by dotted name (`train.data.img_size`); 2: flat
 PHASES = ("evolve", "grid", "final")
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def trial_defaults(**kw) -> TrainOptions:
+TRIAL_DEFAULTS = {"data.batch_size": 16, "recipe.min_warmup_iters": 0}
+
+
+def trial_defaults(changes: Mapping[str, Any] | None = None) -> TrainOptions:
     """The trials' training settings where a search gives none: batch 16, and no floor on warm-up
     iterations (the reference floors it at 1000; in short trials that floor would hide the searched
-    warmup_epochs entirely). `kw` sets any other TrainOptions field."""
-    return TrainOptions(**{"batch_size": 16, "min_warmup_iters": 0, **kw})
+    warmup_epochs entirely). `changes`: any other settings, by dotted name."""
+    return TrainOptions().updated({**TRIAL_DEFAULTS, **(changes or {})})
 
 
 @dataclasses.dataclass
 class SearchOptions:
     """A search: its own settings, and by composition the training settings of its trials
-    (`train`, a TrainOptions; the search sets each trial's `epochs`, `out`, `eval_every`, `plots`
-    and `save_weights`). `seed` drives the evolution; the trials train with `train.seed`."""
+    (`train`, a TrainOptions; the search sets each trial's `optim.epochs`, `out`, `eval.every`,
+    `eval.plots` and `checkpoint.save_weights`). `seed` drives the evolution; the trials train with `train.seed`."""
 
     train: TrainOptions = dataclasses.field(default_factory=trial_defaults)
     space: str | None = None  # a bundled search space name or a YAML path (None: the model family's)
@@ -117,8 +121,8 @@ def train_evaluator(options: SearchOptions, progress: Callable[[dict], None] | N
 
     def evaluate(hyps: Sequence[dict], tag: str, epochs: int | None = None) -> list[dict]:
         folder = Path(options.out) / "trials" / tag
-        topts = dataclasses.replace(options.train, epochs=epochs or options.trial_epochs, out=str(folder),
-                                    eval_every=1, plots=False, save_weights=False)
+        topts = options.train.updated({"optim.epochs": epochs or options.trial_epochs, "out": str(folder),
+                                       "eval.every": 1, "eval.plots": False, "checkpoint.save_weights": False})
         resume = folder.exists() and any(folder.iterdir())
         # every phase trains a multiple of the evolution's population (the grid's smaller or odd
         # sizes repeat their last member): one compiled step serves all phases, and with the run
@@ -156,7 +160,9 @@ class SearchLog:
             return None
         data = read_document(path, what="search log", fmt="json")
         if not isinstance(data, dict) or data.get("format") != LOG_FORMAT:
-            raise ConfigError(f"{path}: unknown search log format {data.get('format')!r}")
+            raise ConfigError(f"{path}: search log format {data.get('format')!r}, this jaxyolo reads {LOG_FORMAT!r} "
+                              "(a search written by another version: continue it with that version, or start "
+                              "this one in a new --out)")
         return data
 
     def write(self, meta: dict, trials: list[dict]) -> None:
@@ -175,10 +181,9 @@ class SearchLog:
 def _meta(options: SearchOptions, space: SearchSpace) -> dict:
     o = dataclasses.asdict(options)
     o.pop("out")
-    train = o.pop("train")
-    for k in ("out", "workers", "plots", "save_weights", "eval_every", "eval_batch_size", "cache_mb"):
-        train.pop(k)
-    o.update({f"train.{k}": v for k, v in train.items()})  # one level, so a difference names its field
+    o.pop("train")
+    train = flatten(options.train.to_dict())
+    o.update({f"train.{k}": v for k, v in train.items() if k not in REPORTING})  # one level: a difference names it
     return {"options": o, "space": space.to_dict()}
 
 
@@ -190,9 +195,9 @@ def run_search(options: SearchOptions, *, resume: bool = False, evaluate: Evalua
     dicts with an "event" key: "population" (before), "done" (after each population), "end".
     """
     options.check()
-    family = families.of_model(options.train.model)
+    family = families.of_model(options.train.model.name)
     space = SearchSpace.load(options.space or family.search_space, family=family)
-    levels = _levels(options.train.model, family)
+    levels = _levels(options.train.model.name, family)
     base = H.load_hyp(options.train.hyp, family=family, num_levels=levels)
     out = Path(options.out)
     store = SearchLog(out, space)
@@ -316,9 +321,7 @@ def grid_population(trials: list[dict], space: SearchSpace, base: dict, options:
 
 def _levels(model: str, family) -> int:
     """The output levels of `model` (its `balance` has one weight per level), from its table."""
-    from jaxyolo.models.config import load_table
-
-    name, table = load_table(model)
+    name, table = families.load_model_table(model)
     return len(family.resolve(table, name=name).strides)
 
 

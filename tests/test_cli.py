@@ -20,6 +20,9 @@ import jaxyolo
 from jaxyolo import hyp as H
 from jaxyolo.data.sources import open_dataset
 from jaxyolo.evaluate import STAT_NAMES
+from jaxyolo.tools.cli import build_parser
+from jaxyolo.tools.train_cmd import options_from_args
+from jaxyolo.train_options import TrainOptions
 from jaxyolo.validate import validate
 
 
@@ -34,11 +37,13 @@ def test_train_command_trains_and_saves(reference, data_env):
     assert f"done: {reference}" in log
     for name in ("results.csv", "hyp.yaml", "options.json", "weights/last", "weights/best", "state"):
         assert (reference / name).exists(), name
-    opts = json.loads((reference / "options.json").read_text())
-    assert {k: opts[k] for k in ("model", "data", "img_size", "batch_size", "nominal_batch", "epochs",
-                                 "min_warmup_iters", "save_every", "seed", "head", "kst")} == {
-        "model": "yolov4p", "data": R.DATA, "img_size": R.IMG, "batch_size": R.BATCH, "nominal_batch": R.BATCH,
-        "epochs": R.EPOCHS, "min_warmup_iters": 2, "save_every": 1, "seed": 0, "head": "implicit", "kst": 3}
+    opts = json.loads((reference / "options.json").read_text())  # the settings tree as the flags set it
+    assert (opts["model"], opts["data"]["source"], opts["data"]["img_size"], opts["data"]["batch_size"]) == \
+        ({"name": "yolov4p", "weights": None, "options": {}}, R.DATA, R.IMG, R.BATCH)
+    assert (opts["optim"]["nominal_batch"], opts["optim"]["epochs"], opts["recipe"]["min_warmup_iters"],
+            opts["checkpoint"]["every"], opts["seed"]) == (R.BATCH, R.EPOCHS, 2, 1, 0)
+    assert TrainOptions.from_dict(opts) == options_from_args(build_parser().parse_args(
+        R.TRAIN_ARGS + ["--save-every", "1", "--out", str(reference)]))
     assert H.load_hyp(reference / "hyp.yaml") == H.load_hyp("default")
     det = jaxyolo.load(reference / "weights" / "best")
     ds = val_dataset()

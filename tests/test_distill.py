@@ -29,7 +29,8 @@ from jaxyolo import distill as D
 from jaxyolo import hyp as H
 from jaxyolo import train_step as T
 from jaxyolo.errors import ConfigError
-from jaxyolo.train_loop import TrainOptions, fit
+from jaxyolo.train_loop import fit
+from jaxyolo.train_options import TrainOptions
 
 # ------------------------------------------------------------------------ the terms against NumPy
 
@@ -345,7 +346,7 @@ def test_train_with_teacher_saves_the_student(distill_run):
     st = saved_state(run, EPOCHS * R.NB)
     assert sorted(st["aux"]["params"]) == ["P3", "P4", "P5"]
     assert st["aux"]["params"]["P3"]["kernel"].shape == (1, 16, 32)  # (members, yolov4p C, yolov4n C)
-    assert json.loads((run / "options.json").read_text())["kd_features"] is True
+    assert json.loads((run / "options.json").read_text())["distill"]["features"] is True
 
 
 class _Stop(Exception):
@@ -389,5 +390,6 @@ def test_a_teacher_with_other_classes_is_refused(data_env, tmp_path):
     assert code == 2 and "3 classes" in err and "5" in err, err[-2000:]
     assert not out.exists()
     with pytest.raises(ConfigError, match="needs a teacher"):
-        fit(TrainOptions(model="yolov4p", data=R.DATA, img_size=R.IMG, batch_size=R.BATCH, epochs=1,
-                         out=str(tmp_path / "x"), kd_features=True))
+        fit(TrainOptions().updated({"model.name": "yolov4p", "data.source": R.DATA, "data.img_size": R.IMG,
+                                    "data.batch_size": R.BATCH, "optim.epochs": 1, "out": str(tmp_path / "x"),
+                                    "distill.features": True}))

@@ -24,7 +24,8 @@ from jaxyolo import train_step as T
 from jaxyolo.errors import CheckpointError, ConfigError
 from jaxyolo.evaluate import nms, nms_numpy
 from jaxyolo.predictions import Predictions, from_tensor
-from jaxyolo.train_loop import TrainOptions, fit
+from jaxyolo.train_loop import fit
+from jaxyolo.train_options import TrainOptions
 
 
 def test_a_table_names_its_family_and_old_tables_are_yolov4(tmp_path):
@@ -119,8 +120,10 @@ def test_the_toy_family_runs_through_fit_checkpoint_and_onnx(data_env, tmp_path)
     from jaxyolo.export.onnx_export import read_metadata
 
     out = tmp_path / "run"
-    opts = TrainOptions(model=toy.TABLE, data=R.DATA, img_size=R.IMG, batch_size=R.BATCH, nominal_batch=R.BATCH,
-                        min_warmup_iters=2, epochs=2, seed=0, out=str(out), plots=False)
+    opts = TrainOptions().updated({"model.name": toy.TABLE, "data.source": R.DATA, "data.img_size": R.IMG,
+                                   "data.batch_size": R.BATCH, "optim.nominal_batch": R.BATCH,
+                                   "recipe.min_warmup_iters": 2, "optim.epochs": 2, "out": str(out),
+                                   "eval.plots": False})
     run = fit(opts)
     row = run.history[-1]
     assert {"train/box", "train/cls", "train/P3/box", "train/P3/cls", "val/P3/cls"} <= set(row)
@@ -191,7 +194,8 @@ def test_a_search_runs_on_the_toy_family(data_env, tmp_path):
     their loss curves under the family's term names."""
     from jaxyolo.search.runner import SearchOptions, run_search, trial_defaults
 
-    train = trial_defaults(model=toy.TABLE, data=R.DATA, img_size=R.IMG, batch_size=R.BATCH, nominal_batch=R.BATCH)
+    train = trial_defaults({"model.name": toy.TABLE, "data.source": R.DATA, "data.img_size": R.IMG,
+                            "data.batch_size": R.BATCH, "optim.nominal_batch": R.BATCH})
     res = run_search(SearchOptions(train=train, population=2, generations=2, trial_epochs=2, grid_dims=1,
                                    out=str(tmp_path / "search")))
     assert all(t["curves"]["terms"] == ["box", "cls"] for t in res.trials)
@@ -246,3 +250,19 @@ def test_a_family_from_another_package_is_found_by_its_entry_point(monkeypatch, 
     table.write_text("family: broken-toy\nnc: 2\nwidth: 8\n")
     with pytest.raises(ConfigError, match="no_such_module_here"):
         jaxyolo.create_model(table)
+
+
+def test_a_family_ships_model_names(data_env):
+    """`Family.model_tables` names models the way jaxyolo's own tables are named: `create_model`,
+    the model list and `jaxyolo train --model NAME` find them; an unknown name lists them."""
+    from jaxyolo.families import model_names
+    from jaxyolo.tools.cli import build_parser
+    from jaxyolo.tools.train_cmd import options_from_args
+
+    det = jaxyolo.create_model("toy-s", num_classes=3)
+    assert det.family is toy.FAMILY and det.spec.name == "toy-s"
+    assert {"toy-s", "yolov4s"} <= set(model_names())
+    opts = options_from_args(build_parser().parse_args(["train", "--model", "toy-s"]))
+    assert (opts.model.name, opts.model.options) == ("toy-s", {})  # no YOLOv4 option is forced on it
+    with pytest.raises(ConfigError, match="unknown model 'toy-m'.*toy-s"):
+        jaxyolo.create_model("toy-m")

@@ -13,7 +13,9 @@ from scipy import stats
 
 import jaxyolo
 from jaxyolo.data.sources import open_dataset
-from jaxyolo.train_loop import TrainOptions, fit
+from jaxyolo.train_loop import fit
+from jaxyolo.train_options import (CheckpointSettings, DataSettings, EvalSettings, ModelSettings,
+                                   OptimSettings, TrainOptions)
 from jaxyolo.validate import validate
 
 CLASSES = 3
@@ -54,8 +56,11 @@ def class_hits(res, ds) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("learn") / "run"
-    opts = TrainOptions(model="yolov4p", head="detect", data=DATA, img_size=IMG, batch_size=BATCH, epochs=EPOCHS,
-                        out=str(out), eval_every=EPOCHS, plots=False, save_weights=False, nominal_batch=BATCH)
+    opts = TrainOptions(model=ModelSettings("yolov4p", options={"head": "detect"}),
+                        data=DataSettings(DATA, img_size=IMG, batch_size=BATCH),
+                        optim=OptimSettings(epochs=EPOCHS, nominal_batch=BATCH),
+                        eval=EvalSettings(every=EPOCHS, plots=False),
+                        checkpoint=CheckpointSettings(save_weights=False), out=str(out))
     untrained = jaxyolo.create_model("yolov4p", num_classes=CLASSES, head="detect", seed=0)
     return fit(opts), untrained
 

@@ -195,14 +195,15 @@ def test_a_run_takes_refitted_anchors_or_the_teacher_s():
     """fit's anchor choice: the table's when they cover the data, refitted when they do not, the
     teacher's when distilling (student and teacher must predict alike), none with `autoanchor` off
     or with starting weights (they carry their anchors)."""
-    from jaxyolo.train_loop import TrainOptions, _run_anchors
+    from jaxyolo.train_loop import _run_anchors
+    from jaxyolo.train_options import DataSettings, ModelSettings, TrainOptions
 
     det = jaxyolo.create_model("yolov4p", num_classes=1, head="detect", abstract=True)
     teacher = jaxyolo.create_model("yolov4p", num_classes=1, head="detect", abstract=True,
                                    anchors=[[5, 5, 6, 6, 7, 7], [8, 8, 9, 9, 10, 10], [11, 11, 12, 12, 13, 13]])
     bad = _Boxes([(6, 120), (120, 6), (8, 150)] * 20)  # x 96 / 200 at 96 px
     good = _Boxes([(40, 52), (120, 180), (64, 46)] * 20)
-    opts = TrainOptions(img_size=96)
+    opts = TrainOptions(data=DataSettings(img_size=96))
     on = H.load_recipe()
     rows, report = _run_anchors(opts, on, det, None, good)
     assert rows is None and report["bpr"] == 1.0 and not report["refitted"]
@@ -212,4 +213,4 @@ def test_a_run_takes_refitted_anchors_or_the_teacher_s():
     assert _run_anchors(opts, on, det, teacher, bad)[0] == [[5, 5, 6, 6, 7, 7], [8, 8, 9, 9, 10, 10],
                                                              [11, 11, 12, 12, 13, 13]]
     assert _run_anchors(opts, {**on, "autoanchor": False}, det, None, bad) == (None, None)
-    assert _run_anchors(TrainOptions(img_size=96, weights="w.npz"), on, det, None, bad) == (None, None)
+    assert _run_anchors(TrainOptions(data=DataSettings(img_size=96), model=ModelSettings(weights="w.npz")), on, det, None, bad) == (None, None)

@@ -14,6 +14,7 @@ import jaxyolo
 from jaxyolo.errors import ConfigError
 from jaxyolo.search import pipeline as PL
 from jaxyolo.search import report as R
+from jaxyolo.train_options import parse_setting
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -72,19 +73,37 @@ def test_bundled_configs_load_and_the_coco_plan_is_the_papers(tmp_path):
     steps = PL.plan(cfg, tmp_path)
     de, bc, f = steps["DE"]["options"], steps["BC"]["options"], steps["F"]["options"]
     # spec: YOLOv4s student with 3 shift and 3 scale candidates, YOLOv4l teacher, 300 epochs at 640
-    assert (de.model, de.head, de.kst, de.epochs, de.img_size) == ("yolov4s", "implicit", 3, 300, 640)
-    assert steps["A"]["options"].head == "detect" and (bc.model, bc.head) == ("yolov4l", "detect")
+    assert (de.model.name, de.model.options, de.optim.epochs, de.data.img_size) == \
+        ("yolov4s", {"head": "implicit", "kst": 3}, 300, 640)
+    assert de.hyp == "reference-s" and de.recipe.min_warmup_iters == 1000
+    assert steps["A"]["options"].model.options["head"] == "detect"
+    assert (bc.model.name, bc.model.options["head"]) == ("yolov4l", "detect")
     assert steps["DE"]["rows"] == {"D": "default", "E": "JHS_s"}
     # the teacher of F is C's seed-0 member: B's members come first in the BC population
-    assert f.teacher == str(PL.weights_folder(Path(bc.out), cfg.seeds, 2 * cfg.seeds))
-    assert steps["jhs_s"]["options"].train.model == "yolov4s" and steps["jhs_l"]["options"].train.model == "yolov4l"
+    assert f.distill.teacher == str(PL.weights_folder(Path(bc.out), cfg.seeds, 2 * cfg.seeds))
+    jhs_s, jhs_l = steps["jhs_s"]["options"].train, steps["jhs_l"]["options"].train
+    assert (jhs_s.model.name, jhs_l.model.name) == ("yolov4s", "yolov4l")
+    # the trials: the pipeline's settings, their own subset, and no warm-up floor
+    assert (jhs_s.data.subset, jhs_s.recipe.min_warmup_iters, jhs_s.data.img_size, jhs_s.hyp) == \
+        (20000, 0, 640, "reference-s")
+    assert de.data.subset is None
     assert Path(cfg.data).is_absolute() and cfg.data.endswith("configs/data/coco.yaml")
 
 
 def test_overrides_and_config_errors(tmp_path):
-    cfg = PL.load_config("demo", {"epochs": 2, "student.model": "yolov4n", "search.population": 2})
-    assert (cfg.epochs, cfg.student.model, cfg.search["population"]) == (2, "yolov4n", 2)
-    assert PL.parse_override("deploy.img=[64, 96]") == ("deploy.img", [64, 96])
+    cfg = PL.load_config("demo", {"train.optim.epochs": 2, "student.model": "yolov4n", "search.population": 2})
+    assert (cfg.train.optim.epochs, cfg.student.model, cfg.search["population"]) == (2, "yolov4n", 2)
+    assert parse_setting("deploy.img=[64, 96]") == ("deploy.img", [64, 96])
+    with pytest.raises(ConfigError, match="epochs is now train.optim.epochs"):
+        PL.load_config("demo", {"epochs": 2})  # the settings before they were one tree
+    with pytest.raises(ConfigError, match=r"train.data.imgsize: unknown setting.*img_size"):
+        PL.load_config("demo", {"train.data.imgsize": 64})
+    with pytest.raises(ConfigError, match=r"train.data.source: set by each stage"):
+        PL.load_config("demo", {"train.data.source": "synthetic"})
+    with pytest.raises(ConfigError, match=r"search.train.optim.epochz: unknown setting"):
+        PL.load_config("demo", {"search.train.optim.epochz": 3})
+    with pytest.raises(ConfigError, match=r"train.data.img_size: must be a multiple of 32"):
+        PL.load_config("demo", {"train.data.img_size": 100})
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: synthetic\nstudent: yolov4p\nteacher: yolov4n\nepochz: 3\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown key\(s\) epochz"):
@@ -110,9 +129,10 @@ def test_units_pull_in_their_dependencies():
 
 def test_init_seeds_give_each_member_its_own_initialisation():
     from jaxyolo import train_step as T
-    from jaxyolo.train_loop import TrainOptions, initial_population
+    from jaxyolo.train_loop import initial_population
+    from jaxyolo.train_options import ModelSettings, TrainOptions
 
-    opts = TrainOptions(model="yolov4p", kst=2, init_seeds=[3, 5, 3])
+    opts = TrainOptions(model=ModelSettings("yolov4p", options={"kst": 2}), init_seeds=[3, 5, 3])
     det = jaxyolo.create_model("yolov4p", num_classes=80, kst=2, seed=0)
     state = initial_population(opts, det, 3)
     for m, s in enumerate((3, 5, 3)):
@@ -137,11 +157,10 @@ data: synthetic:num_train=16,num_val=8,img_size=64-96,seed=0
 search_data: synthetic:num_train=16,num_val=8,img_size=64-96,seed=1
 student: {model: yolov4p, kst: 2}
 teacher: {model: yolov4p}
-img_size: 64
-batch_size: 8
-nominal_batch: 8
-min_warmup_iters: 0
-epochs: 1
+train:
+  data: {img_size: 64, batch_size: 8}
+  optim: {epochs: 1, nominal_batch: 8}
+  recipe: {min_warmup_iters: 0}
 seeds: 2
 search: {population: 2, generations: 1, trial_epochs: 1, grid_dims: 1}
 distill: {kd_obj: 1.0, kd_cls: 1.0, kd_box: 0.05}
@@ -258,7 +277,7 @@ def test_a_rerun_is_cached_and_a_changed_config_is_refused(minimal_run, runs_roo
     import dataclasses
 
     with pytest.raises(ConfigError, match="epochs: 1 -> 2"):
-        PL.run_pipeline(dataclasses.replace(cfg, epochs=2), out)
+        PL.run_pipeline(dataclasses.replace(cfg, train=cfg.train.updated({"optim.epochs": 2})), out)
 
 
 @pytest.mark.skipif(not (SHARED / "data" / "coco128").exists(), reason="needs ../shared/data/coco128")
@@ -266,8 +285,9 @@ def test_the_coco_config_trains_a_few_steps(tmp_path):
     """The paper's configuration, stage A, on a tiny slice of real photographs (coco128 in the COCO
     layout): 2 steps of yolov4s at 64x64, evaluated on the held-out photos."""
     data = str(Path(__file__).resolve().parents[1] / "configs" / "data" / "coco128.yaml")
-    cfg = PL.load_config("coco", {"data": data, "subset": 8, "epochs": 1, "img_size": 64, "batch_size": 4,
-                                  "nominal_batch": 4, "min_warmup_iters": 0})
+    cfg = PL.load_config("coco", {"data": data, "train.data.subset": 8, "train.optim.epochs": 1,
+                                  "train.data.img_size": 64, "train.data.batch_size": 4,
+                                  "train.optim.nominal_batch": 4, "train.recipe.min_warmup_iters": 0})
     res = PL.run_pipeline(cfg, tmp_path / "coco", stages=["A"])
     a = res.results["A"]
     assert a["model"] == "yolov4s" and a["head"] == "detect" and len(a["seeds"]) == 1
@@ -284,4 +304,10 @@ def test_the_demo_resumes_only_its_own_configuration(tmp_path):
     assert not _same_pipeline(out, [])  # no pipeline run in it
     (out / "pipeline.json").write_text(json.dumps({"format": PL.FORMAT, "config": PL.load_config("demo").to_dict()}))
     assert _same_pipeline(out, [])
-    assert not _same_pipeline(out, ["epochs=1"])  # an older or overridden demo
+    assert not _same_pipeline(out, ["train.optim.epochs=1"])  # an older or overridden demo
+
+
+def test_a_pipeline_run_of_the_flat_layout_is_refused_by_format(tmp_path):
+    (tmp_path / "pipeline.json").write_text(json.dumps({"format": "jaxyolo-pipeline/1", "config": {"epochs": 1}}))
+    with pytest.raises(ConfigError, match="'jaxyolo-pipeline/1', this jaxyolo reads 'jaxyolo-pipeline/2'"):
+        PL.config_changes(PL.load_config("demo"), tmp_path)

@@ -141,7 +141,8 @@ def test_tiny_real_search_through_the_cli(data_env, tmp_path):
 def test_time_estimate_counts_every_population(data_env):
     from jaxyolo.tools.search_cmd import estimate_seconds
 
-    opts = S.options("unused", data="synthetic:num_train=16,num_val=8,img_size=64-96", img_size=64, batch_size=8,
+    opts = S.options("unused", {"data.source": "synthetic:num_train=16,num_val=8,img_size=64-96",
+                                "data.img_size": 64, "data.batch_size": 8},
                      trial_epochs=2, generations=3, grid_dims=1, population=2)
     est = estimate_seconds(opts)
     assert est["populations"] == 4 and est["iterations_per_epoch"] == 2
@@ -161,11 +162,12 @@ def test_trials_distil_from_a_teacher_and_keep_no_weights(monkeypatch, tmp_path)
         raise RuntimeError("stop")
 
     monkeypatch.setattr(trainer, "fit", fake_fit)
-    ev = train_evaluator(S.options(tmp_path / "s", teacher="runs/t/weights/last", kd_features=True))
+    ev = train_evaluator(S.options(tmp_path / "s", {"distill.teacher": "runs/t/weights/last", "distill.features": True}))
     with pytest.raises(RuntimeError, match="stop"):
         ev([H.load_hyp({"kd_obj": 0.5})], "evolve000")
     (o,) = seen
-    assert (o.teacher, o.kd_features, o.save_weights, o.plots) == ("runs/t/weights/last", True, False, False)
+    assert (o.distill.teacher, o.distill.features, o.checkpoint.save_weights, o.eval.plots) == \
+        ("runs/t/weights/last", True, False, False)
 
 
 def test_a_grid_with_nothing_new_trains_nothing(tmp_path):

@@ -16,7 +16,8 @@ import jaxyolo
 from jaxyolo import hyp as H
 from jaxyolo import train_step as T
 from jaxyolo.errors import ConfigError
-from jaxyolo.train_loop import TrainOptions, fit, read_state
+from jaxyolo.train_loop import fit, read_state
+from jaxyolo.train_options import TrainOptions
 
 CFG = T.TrainConfig(epochs=1, batches_per_epoch=6, batch_size=8, img_size=64, nominal_batch=8, min_warmup_iters=1,
                     augment=False)
@@ -83,10 +84,11 @@ def test_a_params_hook_keeps_a_frozen_layer_bit_for_bit():
                               np.asarray(jax.tree.leaves(start.params["head"])[0]))
 
 
-def _options(out, **kw):
-    base = dict(model=toy.TABLE, data=R.DATA, img_size=R.IMG, batch_size=R.BATCH, nominal_batch=R.BATCH,
-                min_warmup_iters=2, epochs=2, seed=0, plots=False)
-    return TrainOptions(**{**base, **kw}, out=str(out))
+def _options(out, changes: dict | None = None):
+    base = {"model.name": toy.TABLE, "data.source": R.DATA, "data.img_size": R.IMG, "data.batch_size": R.BATCH,
+            "optim.nominal_batch": R.BATCH, "recipe.min_warmup_iters": 2, "optim.epochs": 2, "seed": 0,
+            "eval.plots": False}
+    return TrainOptions().updated({**base, **(changes or {}), "out": str(out)})
 
 
 COUNTING = T.StepHooks(init=lambda s: s.replace(extras={"iterations": jnp.zeros((), jnp.int32)}),
@@ -119,12 +121,12 @@ def test_a_snapshot_rewinds_a_run_to_its_iteration(data_env, tmp_path):
     """`snapshots=(k,)` keeps the training state of iteration k (and its weights as a detector);
     a run rewound to it continues from iteration k and ends where the original run ended."""
     k = 1
-    fit(_options(tmp_path / "a", snapshots=(k,)))
+    fit(_options(tmp_path / "a", {"checkpoint.snapshots": (k,)}))
     snap = tmp_path / "a" / "snapshots" / f"iter{k}"
     assert snap.is_dir() and jaxyolo.load(tmp_path / "a" / "weights" / f"iter{k}").family.name == "toy"
     assert int(read_state(snap)["step"][0]) == k
     events = []
-    run = fit(_options(tmp_path / "b", rewind=str(snap)), progress=events.append)
+    run = fit(_options(tmp_path / "b", {"checkpoint.rewind": str(snap)}), progress=events.append)
     assert [e for e in events if e["event"] == "start"][0]["step"] == k
     a, b = read_state(tmp_path / "a" / "state"), read_state(tmp_path / "b" / "state")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -133,12 +135,12 @@ def test_a_snapshot_rewinds_a_run_to_its_iteration(data_env, tmp_path):
 
 
 def test_rewinding_to_a_snapshot_of_another_shape_is_refused(data_env, tmp_path):
-    fit(_options(tmp_path / "a", snapshots=(1,)))
+    fit(_options(tmp_path / "a", {"checkpoint.snapshots": (1,)}))
     with pytest.raises(ConfigError, match="rewind"):
-        fit(_options(tmp_path / "b", rewind=str(tmp_path / "a" / "snapshots" / "iter1"), batch_size=4,
-                     nominal_batch=4))
+        fit(_options(tmp_path / "b", {"checkpoint.rewind": str(tmp_path / "a" / "snapshots" / "iter1"),
+                                      "data.batch_size": 4, "optim.nominal_batch": 4}))
     with pytest.raises(ConfigError, match="rewind"):
-        fit(_options(tmp_path / "c", rewind=str(tmp_path / "nowhere")))
-    fit(_options(tmp_path / "d", snapshots=(1,)), hooks=COUNTING)  # a snapshot holding a method's extras
+        fit(_options(tmp_path / "c", {"checkpoint.rewind": str(tmp_path / "nowhere")}))
+    fit(_options(tmp_path / "d", {"checkpoint.snapshots": (1,)}), hooks=COUNTING)  # a snapshot holding a method's extras
     with pytest.raises(ConfigError, match="rewind .*extras"):
-        fit(_options(tmp_path / "e", rewind=str(tmp_path / "d" / "snapshots" / "iter1")))
+        fit(_options(tmp_path / "e", {"checkpoint.rewind": str(tmp_path / "d" / "snapshots" / "iter1")}))

@@ -22,7 +22,8 @@ from helpers.state_files import saved_meta, saved_state
 import jaxyolo
 from jaxyolo import train_step as T
 from jaxyolo.errors import CheckpointError, ConfigError
-from jaxyolo.train_loop import TrainingError, TrainOptions, fit
+from jaxyolo.train_loop import TrainingError, fit
+from jaxyolo.train_options import DataSettings, TrainOptions
 
 TOTAL = R.EPOCHS * R.NB
 
@@ -122,11 +123,12 @@ def test_results_csv_train_losses_survive_a_resume(reference, killed):
 # ------------------------------------------------------------------------------------- non-finite
 
 
-def tiny_options(out: Path, **kw) -> TrainOptions:
-    """The options `jaxyolo train` builds from `R.TRAIN_ARGS` (same numbers as the shared runs)."""
-    base = dict(model="yolov4p", data=R.DATA, img_size=R.IMG, batch_size=R.BATCH, nominal_batch=R.BATCH,
-                min_warmup_iters=2, epochs=R.EPOCHS, seed=0)
-    return TrainOptions(**{**base, **kw}, out=str(out))
+def tiny_options(out: Path, changes: dict | None = None) -> TrainOptions:
+    """The options `jaxyolo train` builds from `R.TRAIN_ARGS` (same numbers as the shared runs),
+    with `changes` by dotted name."""
+    base = {"model.name": "yolov4p", "data.source": R.DATA, "data.img_size": R.IMG, "data.batch_size": R.BATCH,
+            "optim.nominal_batch": R.BATCH, "recipe.min_warmup_iters": 2, "optim.epochs": R.EPOCHS, "seed": 0}
+    return TrainOptions().updated({**base, **(changes or {}), "out": str(out)})
 
 
 def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(request, data_env, tmp_path, monkeypatch):
@@ -148,7 +150,7 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(request, data_env
         return run
 
     out = tmp_path / "run"
-    opts = tiny_options(out, max_nonfinite=2)
+    opts = tiny_options(out, {"optim.max_nonfinite": 2})
     monkeypatch.setattr(T, "population_step", poisoned)
     events = []
     with pytest.raises(TrainingError, match=rf"iteration {R.NB + 1}: 2 non-finite losses in a row") as e:
@@ -170,7 +172,7 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_checkpoint(request, data_env
 
     # ... and it resumes to the very end of the unbroken run
     monkeypatch.setattr(T, "population_step", real)
-    res = fit(tiny_options(out, max_nonfinite=2), resume=True)
+    res = fit(tiny_options(out, {"optim.max_nonfinite": 2}), resume=True)
     assert [r["iterations"] for r in res.history] == [R.NB, TOTAL]
     reference = request.getfixturevalue("reference")  # only now: another worker may be building it meanwhile
     assert_same_weights(reference / "weights" / "last", out / "weights" / "last")
@@ -201,7 +203,7 @@ def test_resume_with_other_options_is_refused(reference, data_env, tmp_path):
     # each differing option with the saved and the given value
     assert f"img_size: saved {R.IMG}, given 96" in err and "seed: saved 0, given 1" in err
     assert "save_every" not in err and "data:" not in err
-    with pytest.raises(ConfigError, match=r"options differ from the saved run \(save_every: saved 1, given 0\)"):
+    with pytest.raises(ConfigError, match=r"options differ from the saved run \(checkpoint.every: saved 1, given 0\)"):
         fit(tiny_options(run), resume=True)  # save_every 0 here, 1 in the saved run
     after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert after == before
@@ -221,12 +223,12 @@ def test_resume_compares_file_options_by_resolved_path(data_env, tmp_path, monke
     monkeypatch.chdir(start)
     run = tmp_path / "run"
     rel = os.path.relpath(root, start)
-    fit(tiny_options(run, data=rel, epochs=1, plots=False))
+    fit(tiny_options(run, {"data.source": rel, "optim.epochs": 1, "eval.plots": False}))
     monkeypatch.chdir(tmp_path)
-    done = fit(tiny_options(run, data=str(root.resolve()), epochs=1, plots=False), resume=True)
+    done = fit(tiny_options(run, {"data.source": str(root.resolve()), "optim.epochs": 1, "eval.plots": False}), resume=True)
     assert [r["epoch"] for r in done.history] == [0]
-    with pytest.raises(ConfigError, match="data: saved") as e:
-        fit(tiny_options(run, data=str(other), epochs=1, plots=False), resume=True)
+    with pytest.raises(ConfigError, match="data.source: saved") as e:
+        fit(tiny_options(run, {"data.source": str(other), "optim.epochs": 1, "eval.plots": False}), resume=True)
     assert repr(rel) in str(e.value) and repr(str(other)) in str(e.value)
 
 
@@ -305,11 +307,11 @@ def test_a_run_that_fails_before_its_first_state_leaves_no_half_made_folder(data
     monkeypatch.setattr(trainer, "train_batches", broken)
     out = tmp_path / "run"
     with caplog.at_level("WARNING", logger="jaxyolo"), pytest.raises(ConfigError, match="img.jpg"):
-        fit(tiny_options(out, plots=False))
+        fit(tiny_options(out, {"eval.plots": False}))
     assert out.is_dir() and not any(out.iterdir())
     assert "removed what it had written" in caplog.text and str(out) in caplog.text
     monkeypatch.setattr(trainer, "train_batches", real)  # the folder is free for a new start
-    assert [r["epoch"] for r in fit(tiny_options(out, plots=False, epochs=1)).history] == [0]
+    assert [r["epoch"] for r in fit(tiny_options(out, {"eval.plots": False, "optim.epochs": 1})).history] == [0]
 
 
 def test_saved_state_is_packed_and_read_back_by_path(reference):
@@ -333,5 +335,5 @@ def ocp_items(folder: Path) -> list[str]:
 def test_cache_budget_must_be_a_non_negative_integer():
     for bad in (-1, 1.5, "1024"):
         with pytest.raises(ConfigError, match="cache_mb"):
-            TrainOptions(cache_mb=bad).check()
-    TrainOptions(cache_mb=0).check()  # 0 turns the cache off
+            TrainOptions(data=DataSettings(cache_mb=bad)).check()
+    TrainOptions(data=DataSettings(cache_mb=0)).check()  # 0 turns the cache off

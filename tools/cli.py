@@ -74,9 +74,10 @@ def cmd_demo(args) -> int:
 def _same_pipeline(out: Path, overrides: list[str]) -> bool:
     """Whether `out` holds a run of the demo pipeline as configured now (then it resumes)."""
     from jaxyolo.search import pipeline as PL
+    from jaxyolo.train_options import parse_setting
 
     try:
-        cfg = PL.load_config("demo", dict(PL.parse_override(o) for o in overrides))
+        cfg = PL.load_config("demo", dict(parse_setting(o) for o in overrides))
         return PL.config_changes(cfg, out) == []
     except (OSError, JaxyoloError):
         return False

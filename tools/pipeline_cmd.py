@@ -15,12 +15,17 @@ from pathlib import Path
 from jaxyolo.tools.search_cmd import SearchProgress
 
 
+# what `--dry-run` shows of each training unit (and, but for the length and seeds, of a search's trials)
+DRY_RUN_SETTINGS = ("model.name", "model.options", "data.source", "data.img_size", "data.batch_size", "data.subset",
+                    "optim.epochs", "distill.teacher", "init_seeds")
+
+
 def add_parser(subparsers):
     p = subparsers.add_parser("pipeline", help="the whole system: baseline, teacher, JHS, KST, SKD, report, export")
     p.add_argument("--config", default="demo", help="bundled pipeline (demo, coco128, coco) or a YAML file")
     p.add_argument("--seeds", type=int, help="initialisation seeds per row (overrides the config's `seeds`)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set epochs=5 --set student.model=yolov4n")
+                   help="override a config field, e.g. --set train.optim.epochs=5 --set student.model=yolov4n")
     p.add_argument("--stages", help="comma-separated stages to run (their dependencies run too); default all")
     p.add_argument("--dry-run", action="store_true", help="print what every stage would run, then stop")
     p.add_argument("--out", help="run folder (default runs/pipeline/<config name>); rerun to resume")
@@ -89,10 +94,11 @@ class PipelineProgress:
 
 def run(args) -> int:
     from jaxyolo.search import pipeline as PL
+    from jaxyolo.train_options import parse_setting
 
     setup_compilation(args.compile_cache, args.fast_compile)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    overrides = dict(PL.parse_override(o) for o in args.overrides)
+    overrides = dict(parse_setting(o) for o in args.overrides)
     if args.seeds is not None:
         overrides["seeds"] = args.seeds
     cfg = PL.load_config(args.config, overrides)
@@ -109,9 +115,13 @@ def run(args) -> int:
                 extra = ", ".join(f"{k}={v}" for k, v in step.items() if k not in ("kind", "rows"))
                 print(f"{s:7s} {step['kind']}: {rows}" + (f"; {extra}" if extra else ""))
                 continue
-            keys = ("model", "head", "kst", "data", "img_size", "batch_size", "epochs", "teacher", "population",
-                    "generations", "trial_epochs", "subset", "init_seeds")
-            print(f"{s:7s} {step['kind']}: {rows}; " + ", ".join(f"{k}={getattr(o, k)}" for k in keys if hasattr(o, k)))
+            if step["kind"] == "train":
+                shown = {k: o.get(k) for k in DRY_RUN_SETTINGS}
+            else:  # a search: its own sizes, then its trials' settings
+                shown = {k: getattr(o, k) for k in ("population", "generations", "trial_epochs")}
+                shown.update({f"train.{k}": o.train.get(k) for k in DRY_RUN_SETTINGS
+                              if k not in ("optim.epochs", "init_seeds")})
+            print(f"{s:7s} {step['kind']}: {rows}; " + ", ".join(f"{k}={v}" for k, v in shown.items() if v is not None))
         return 0
     t0 = time.perf_counter()
     print(f"pipeline {cfg.name}: student {cfg.student.model}, teacher {cfg.teacher.model}, {cfg.seeds} seed(s), "

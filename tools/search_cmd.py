@@ -30,7 +30,7 @@ def add_parser(subparsers):
     p.add_argument("--final-epochs", type=int, default=0, help="retrain the winner this many epochs (0: skip)")
     p.add_argument("--img", type=int, default=640)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--kst", type=int, default=3)
+    p.add_argument("--kst", type=int, help="KST candidates of a YOLOv4 implicit head (default 3)")
     p.add_argument("--parent", choices=("single", "weighted"), default="single")
     p.add_argument("--elite", type=int, default=0, help="children that are mutations of the best trial")
     p.add_argument("--seed", type=int, default=0)
@@ -48,10 +48,12 @@ def add_parser(subparsers):
 def options_from_args(args):
     from jaxyolo.search.runner import SearchOptions, trial_defaults
 
-    train = trial_defaults(model=args.model, data=args.data, hyp=args.hyp or "default", weights=args.weights,
-                           teacher=args.teacher, kd_features=args.kd_features, subset=args.subset, img_size=args.img,
-                           batch_size=args.batch, kst=args.kst, seed=args.seed, workers=args.workers,
-                           nominal_batch=args.nominal_batch, min_warmup_iters=args.min_warmup_iters)
+    train = trial_defaults({
+        "model.name": args.model, "model.weights": args.weights, "data.source": args.data, "hyp": args.hyp or "default",
+        "distill.teacher": args.teacher, "distill.features": args.kd_features, "data.subset": args.subset,
+        "data.img_size": args.img, "data.batch_size": args.batch, "seed": args.seed, "data.workers": args.workers,
+        "optim.nominal_batch": args.nominal_batch, "recipe.min_warmup_iters": args.min_warmup_iters,
+        **({"model.options.kst": args.kst} if args.kst is not None else {})})
     return SearchOptions(train=train, space=args.space, population=args.population, generations=args.generations,
                          trial_epochs=args.trial_epochs, grid_dims=args.grid_dims, grid_step=args.grid_step,
                          final_epochs=args.final_epochs, parent=args.parent, elite=args.elite, seed=args.seed,
@@ -66,15 +68,15 @@ def estimate_seconds(options) -> dict:
 
     import jaxyolo
     from jaxyolo.data.sources import open_dataset
-    from jaxyolo.train_loop import model_options
 
     tr = options.train
-    train, val = open_dataset(tr.data, "train"), open_dataset(tr.data, "val")
-    n_train = min(len(train), tr.subset or len(train))
-    nb = max(n_train // tr.batch_size, 1)
-    det = jaxyolo.create_model(tr.model, num_classes=train.num_classes, anchors=None, seed=0,
-                               **model_options(tr))
-    x = np.random.default_rng(0).uniform(0, 1, (tr.batch_size, tr.img_size, tr.img_size, 3))
+    train, val = open_dataset(tr.data.source, "train"), open_dataset(tr.data.source, "val")
+    n_train = min(len(train), tr.data.subset or len(train))
+    batch, img = tr.data.batch_size, tr.data.img_size
+    nb = max(n_train // batch, 1)
+    det = jaxyolo.create_model(tr.model.name, num_classes=train.num_classes, anchors=None, seed=0,
+                               **tr.model.options)
+    x = np.random.default_rng(0).uniform(0, 1, (batch, img, img, 3))
     x = jax.numpy.asarray(x, jax.numpy.float32)
     t = time.perf_counter()
     jax.block_until_ready(det(x))
@@ -82,7 +84,7 @@ def estimate_seconds(options) -> dict:
     t = time.perf_counter()
     jax.block_until_ready(det(x))
     fwd = time.perf_counter() - t
-    per_image = fwd / tr.batch_size
+    per_image = fwd / batch
     populations = options.generations + (1 if options.grid_dims else 0)
     per_pop = options.trial_epochs * (nb * 3.5 * fwd * options.population
                                       + len(val) * per_image * options.population) + 4 * compile_fwd

@@ -6,7 +6,8 @@
 DATA: a data YAML, a COCO json, `tfds:NAME` or `synthetic[:key=value,...]`. HYP: a bundled name
 (`default`; `reference-s`, `reference-csp`: the reference's recipes exactly) or a YAML file with the
 reference key names. The hyp file's run-level keys (gain_rule, min_warmup_iters, close_mosaic,
-autoanchor) can be overridden by the flags of the same names. `--teacher T` distils a
+autoanchor) can be overridden by the flags of the same names. `--config FILE` reads the whole
+settings tree (`jaxyolo.train_options`) from YAML; the flags given and `--set KEY=VALUE` go on top. `--teacher T` distils a
 trained jaxyolo checkpoint (same anchors, strides and classes) into the student with the hyp's
 kd_* weights (`jaxyolo.distill`); the saved weights are the student's.
 """
@@ -20,43 +21,64 @@ import math
 from tqdm import tqdm
 
 
+# flag -> the setting it sets (a flag that is not given leaves the setting as the config has it)
+FLAG_SETTINGS = {
+    "model": "model.name", "weights": "model.weights", "head": "model.options.head", "kst": "model.options.kst",
+    "act": "model.options.act", "data": "data.source", "img": "data.img_size", "batch": "data.batch_size",
+    "max_boxes": "data.max_boxes", "subset": "data.subset", "workers": "data.workers", "cache_mb": "data.cache_mb",
+    "epochs": "optim.epochs", "nominal_batch": "optim.nominal_batch", "schedule": "optim.schedule",
+    "min_warmup_iters": "recipe.min_warmup_iters", "gain_rule": "recipe.gain_rule",
+    "close_mosaic": "recipe.close_mosaic", "autoanchor": "recipe.autoanchor", "eval_every": "eval.every",
+    "save_every": "checkpoint.every", "snapshot": "checkpoint.snapshots", "rewind": "checkpoint.rewind",
+    "teacher": "distill.teacher", "kd_features": "distill.features", "hyp": "hyp", "out": "out", "seed": "seed",
+}
+
+
 def add_parser(subparsers):
-    p = subparsers.add_parser("train", help="train a detector on a dataset")
-    p.add_argument("--model", default="yolov4s", help="built-in model name or a YAML table")
-    p.add_argument("--data", default="synthetic", help="data YAML, COCO json, tfds:NAME or synthetic[:k=v,...]")
-    p.add_argument("--hyp", default="default",
-                   help="bundled hyp name (default, reference-s, reference-csp) or a hyp YAML (reference key names)")
-    p.add_argument("--img", type=int, default=640, help="square training and validation size")
-    p.add_argument("--batch", type=int, default=64, help="images per iteration over all devices")
-    p.add_argument("--epochs", type=int, default=300)
-    p.add_argument("--out", default="runs/train/exp")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    # no defaults: a flag that is not given leaves the setting to --config (else TrainOptions' default)
+    p = subparsers.add_parser("train", help="train a detector on a dataset", argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="a YAML file of training settings (the TrainOptions tree: model, data, optim, "
+                   "recipe, eval, checkpoint, distill, hyp, out, seed, ...); flags and --set go on top")
+    p.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                   help="one setting by dotted name, the value read as YAML (optim.schedule=linear, "
+                        "model.options.kst_draw=image); repeatable")
+    p.add_argument("--model", help="built-in model name or a YAML table (default yolov4s)")
+    p.add_argument("--data", help="data YAML, COCO json, tfds:NAME or synthetic[:k=v,...] (default synthetic)")
+    p.add_argument("--hyp", help="bundled hyp name (default, reference-s, reference-csp) or a hyp YAML "
+                                 "(reference key names)")
+    p.add_argument("--img", type=int, help="square training and validation size (default 640)")
+    p.add_argument("--batch", type=int, help="images per iteration over all devices (default 64)")
+    p.add_argument("--epochs", type=int, help="default 300")
+    p.add_argument("--out", help="default runs/train/exp")
+    p.add_argument("--resume", action="store_true", default=False,
+                   help="continue the run in --out exactly where it stopped")
     p.add_argument("--weights", help="initial weights: a jaxyolo checkpoint folder, .pt or .npz")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--head", choices=("implicit", "detect"), default="implicit")
-    p.add_argument("--kst", type=int, default=3, help="KST candidates of the implicit head (1: IDetect)")
-    p.add_argument("--act", default="silu", choices=("silu", "mish", "leaky"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--head", choices=("implicit", "detect"), help="YOLOv4 head (default implicit)")
+    p.add_argument("--kst", type=int, help="KST candidates of the implicit head (1: IDetect; default 3)")
+    p.add_argument("--act", choices=("silu", "mish", "leaky"), help="YOLOv4 activation (default silu)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master weights")
-    p.add_argument("--workers", type=int, default=0, help="data loader processes (0: threads in this process)")
-    p.add_argument("--cache-mb", type=int, default=1024,
-                   help="MiB of resized training images kept in memory across epochs (0: read every epoch)")
-    p.add_argument("--min-warmup-iters", type=int, default=None,
+    p.add_argument("--workers", type=int, help="data loader processes (0, the default: threads in this process)")
+    p.add_argument("--cache-mb", type=int,
+                   help="MiB of resized training images kept in memory across epochs (0: read every epoch; "
+                        "default 1024)")
+    p.add_argument("--min-warmup-iters", type=int,
                    help="floor on warm-up iterations (default: the hyp file's, else 100; reference-s: 1000)")
-    p.add_argument("--gain-rule", choices=("per-class", "reference", "yolov5"), default=None,
+    p.add_argument("--gain-rule", choices=("per-class", "reference", "yolov5"),
                    help="loss gains against classes and image size (default: the hyp file's, else per-class)")
-    p.add_argument("--close-mosaic", type=int, default=None, help="train the last N epochs without mosaic")
-    p.add_argument("--autoanchor", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--close-mosaic", type=int, help="train the last N epochs without mosaic")
+    p.add_argument("--autoanchor", action=argparse.BooleanOptionalAction,
                    help="refit the anchors when they cover the training boxes badly (best possible recall < 0.98)")
-    p.add_argument("--schedule", choices=("cosine", "linear"), default="cosine")
-    p.add_argument("--nominal-batch", type=int, default=64, help="gradients are accumulated up to this batch")
-    p.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
-    p.add_argument("--save-every", type=int, default=0, help="save the training state every N iterations too")
-    p.add_argument("--max-boxes", type=int, default=100)
+    p.add_argument("--schedule", choices=("cosine", "linear"), help="default cosine")
+    p.add_argument("--nominal-batch", type=int, help="gradients are accumulated up to this batch (default 64)")
+    p.add_argument("--eval-every", type=int, help="validate every N epochs (and after the last; default 1)")
+    p.add_argument("--save-every", type=int, help="save the training state every N iterations too")
+    p.add_argument("--max-boxes", type=int, help="default 100")
     p.add_argument("--subset", type=int, help="train on the first N training images only")
     p.add_argument("--teacher", help="distil from this jaxyolo checkpoint folder (weights from the hyp's kd_* keys)")
     p.add_argument("--kd-features", action="store_true",
                    help="with --teacher: feature imitation at P3-P5 through 1x1 adapters (hyp kd_feat)")
-    p.add_argument("--snapshot", type=int, action="append", default=[], metavar="K",
+    p.add_argument("--snapshot", type=int, action="append", metavar="K",
                    help="keep the training state of iteration K as snapshots/iterK (and weights/iterK); repeatable")
     p.add_argument("--rewind", metavar="SNAPSHOT",
                    help="start from a snapshot folder (OUT/snapshots/iterK of an earlier run) at its iteration K")
@@ -65,17 +87,23 @@ def add_parser(subparsers):
 
 
 def options_from_args(args):
-    from jaxyolo.train_loop import TrainOptions
+    """The run's settings: --config (else the defaults), then the flags given, then --set."""
+    from jaxyolo.errors import ConfigError
+    from jaxyolo.files import read_document
+    from jaxyolo.train_options import TrainOptions, parse_setting
 
-    return TrainOptions(model=args.model, data=args.data, hyp=args.hyp, img_size=args.img, batch_size=args.batch,
-                        epochs=args.epochs, out=args.out, weights=args.weights, seed=args.seed, head=args.head,
-                        kst=args.kst, act=args.act, dtype="bfloat16" if args.bf16 else None, workers=args.workers,
-                        cache_mb=args.cache_mb,
-                        nominal_batch=args.nominal_batch, min_warmup_iters=args.min_warmup_iters,
-                        gain_rule=args.gain_rule, close_mosaic=args.close_mosaic, autoanchor=args.autoanchor,
-                        schedule=args.schedule, eval_every=args.eval_every, save_every=args.save_every,
-                        max_boxes=args.max_boxes, subset=args.subset, teacher=args.teacher,
-                        kd_features=args.kd_features, snapshots=tuple(args.snapshot), rewind=args.rewind)
+    given = vars(args)
+    options = TrainOptions()
+    if given.get("config"):
+        try:
+            options = TrainOptions.from_dict(read_document(given["config"], what="training config") or {})
+        except ConfigError as e:
+            raise ConfigError(f"training config {given['config']}: {e}") from None
+    changes = {FLAG_SETTINGS[k]: v for k, v in given.items() if k in FLAG_SETTINGS}
+    if given.get("bf16"):
+        changes["model.options.dtype"] = "bfloat16"
+    changes.update(parse_setting(text) for text in given.get("overrides") or ())
+    return options.updated(changes)
 
 
 class ProgressPrinter:

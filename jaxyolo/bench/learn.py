@@ -64,12 +64,14 @@ def _jaxyolo(data: Path, gt: Path, out: Path, *, model, head, hyp, epochs, img, 
     import shutil
 
     from jaxyolo.data.sources import open_dataset
-    from jaxyolo.train_loop import TrainOptions, fit
+    from jaxyolo.train_loop import fit
+    from jaxyolo.train_options import DataSettings, EvalSettings, ModelSettings, OptimSettings, TrainOptions
     from jaxyolo.validate import validate
 
     shutil.rmtree(out, ignore_errors=True)
-    opts = TrainOptions(model=model, head=head, hyp=hyp, data=str(data), img_size=img, batch_size=batch,
-                        epochs=epochs, out=str(out), seed=seed, plots=False)
+    opts = TrainOptions(model=ModelSettings(model, options={"head": head}), hyp=hyp, out=str(out), seed=seed,
+                        data=DataSettings(str(data), img_size=img, batch_size=batch),
+                        optim=OptimSettings(epochs=epochs), eval=EvalSettings(plots=False))
 
     def progress(info):
         if info["event"] == "epoch":

@@ -52,6 +52,46 @@ def _load_entry_point(name: str) -> None:
             register(obj)
 
 
+def model_table(name: str) -> str | None:
+    """The table of a model name a family ships (`Family.model_tables`), looking through the
+    registered families, then every family of the entry-point group; None when none has it."""
+    from importlib.metadata import entry_points
+
+    get(DEFAULT)
+    for loaded in (False, True):
+        if loaded:
+            for ep in entry_points(group=ENTRY_POINTS):
+                if ep.name not in _REGISTRY:
+                    _load_entry_point(ep.name)
+        for family in _REGISTRY.values():
+            if name in family.model_tables:
+                return str(family.model_tables[name])
+    return None
+
+
+def model_names() -> list[str]:
+    """Every model name: jaxyolo's built-in tables and those the registered families ship."""
+    from jaxyolo.models.config import available_models
+
+    get(DEFAULT)
+    return sorted(set(available_models()) | {n for f in _REGISTRY.values() for n in f.model_tables})
+
+
+def load_model_table(name) -> tuple[str, dict]:
+    """(name, raw table) of a model: a YAML path, a built-in name, or a name a family ships."""
+    from pathlib import Path
+
+    from jaxyolo.models.config import available_models, load_table
+
+    if Path(name).suffix in (".yaml", ".yml") or str(name) in available_models():
+        return load_table(name)
+    shipped = model_table(str(name))
+    if shipped is None:
+        raise ConfigError(f"unknown model {str(name)!r}: choose one of {', '.join(model_names())} or give a path "
+                          "to a .yaml table")
+    return str(name), load_table(shipped)[1]
+
+
 def available() -> list[str]:
     get(DEFAULT)
     return sorted(_REGISTRY)
@@ -69,7 +109,7 @@ def of_model(name) -> Family:
     """The family of a built-in model name or a path to a model table."""
     from jaxyolo.models.config import load_table
 
-    table_name, table = load_table(name)
+    table_name, table = load_model_table(name)
     return of_table(table, f"model {table_name!r}")
 
 

@@ -20,6 +20,7 @@ one are YOLOv4's). The family owns everything that depends on how its head is la
   rebuilds the spec beyond the table);
 * `state_dict` / `load_state_dict`: the weights under the names of the family's reference code
   (the default: NNX paths joined with dots);
+* `model_tables`: the model names it ships (`--model NAME` finds them);
 * `hyp_keys` (the hyp keys its loss reads), `hyp_defaults` (keys of its own beyond the shared
   table, with defaults and ranges) and `search_space` (the bundled space file a search of this
   family starts from).
@@ -48,6 +49,9 @@ class Family:
     search_space: ClassVar[str] = "default"  # a bundled search space name (configs/search/<name>.yaml) or a path
     export_layout: ClassVar[str] = "xyxy-scores"  # `jaxyolo.predictions.LAYOUTS`
     options_type: ClassVar[type]  # a frozen dataclass: how a table is instantiated
+    # the model names the family ships, {name: path of its YAML table}: `create_model(NAME)`,
+    # `--model NAME` (built-in YOLOv4 names are jaxyolo's own tables)
+    model_tables: ClassVar[Mapping[str, str]] = {}
 
     # -- models ---------------------------------------------------------------------------------
     def resolve(self, table: dict, *, name: str, nc: int | None = None, **fields) -> Any:

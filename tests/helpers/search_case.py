@@ -62,19 +62,15 @@ class SyntheticEvaluator:
         return out
 
 
-def options(out, **kw):
-    """SearchOptions for the tests; keywords that are TrainOptions fields set the trials' training
-    (`seed` sets both the search's and the trials')."""
-    import dataclasses
-
+def options(out, train: dict | None = None, **kw):
+    """SearchOptions for the tests: `kw` the search's own fields, `train` the trials' settings by
+    dotted name (the trials train with the search's `seed`)."""
     from jaxyolo.search.runner import SearchOptions, trial_defaults
-    from jaxyolo.train_loop import TrainOptions
 
-    kw = {"model": "yolov4p", "data": "synthetic", "space": SPACE, "population": 8, "generations": 4,
-          "trial_epochs": EPOCHS, "grid_dims": 2, "out": str(out), "seed": 3, **kw}
-    train_fields = {f.name for f in dataclasses.fields(TrainOptions)} - {"out", "epochs"}
-    train = trial_defaults(**{k: v for k, v in kw.items() if k in train_fields})
-    return SearchOptions(train=train, **{k: v for k, v in kw.items() if k not in train_fields or k == "seed"})
+    kw = {"space": SPACE, "population": 8, "generations": 4, "trial_epochs": EPOCHS, "grid_dims": 2,
+          "out": str(out), "seed": 3, **kw}
+    trials = trial_defaults({"model.name": "yolov4p", "data.source": "synthetic", "seed": kw["seed"], **(train or {})})
+    return SearchOptions(train=trials, **kw)
 
 
 def _main(argv):

@@ -89,6 +89,7 @@ class Toy(Family):
     search_space = SPACE
     export_layout = "xyxy-scores"
     options_type = ToyOptions
+    model_tables = {"toy-s": TABLE}  # a model name the family ships
 
     def resolve(self, table, *, name, nc=None):
         return ToySpec(name=name, nc=int(table.get("nc", 80) if nc is None else nc), width=int(table["width"]))
