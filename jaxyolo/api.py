@@ -210,6 +210,8 @@ class Detector:
                 "options": self.family.options_to_dict(self.options), "names": list(self.names),
                 "training": self.training}
         state = nnx.to_pure_dict(nnx.state(self.model))
+        if jax.process_count() > 1:  # every process saves the same values: NumPy, which Orbax writes from process 0
+            state = jax.device_get(state)
         meta["crc32"] = [crc32(x) for x in jax.tree.leaves(jax.device_get(state))]
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
             ckptr.save(path, ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),

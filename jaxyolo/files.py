@@ -29,7 +29,12 @@ def atomic_write(out_path, write: Callable) -> Path:
 
 
 def atomic_write_text(out_path, text: str) -> Path:
-    """`atomic_write` of a UTF-8 text."""
+    """`atomic_write` of a UTF-8 text. With several processes (`jaxyolo.distributed`), each of
+    which computes the same text, process 0 alone writes it."""
+    from jaxyolo import distributed
+
+    if not distributed.is_primary():
+        return Path(out_path)
     return atomic_write(out_path, lambda f: f.write(text.encode("utf-8")))
 
 

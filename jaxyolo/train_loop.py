@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxyolo import distill as D
+from jaxyolo import distributed as dist
 from jaxyolo import hyp as H
 from jaxyolo import train_step as T
 from jaxyolo.augment import augment_host_batch
@@ -82,7 +83,8 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     `hooks`: a training method's step transforms and extras (`jaxyolo.train_step.StepHooks`)."""
     options.check()
     out = Path(options.out)
-    emit = progress or (lambda info: None)
+    primary = dist.is_primary()  # with several processes, the one that writes what the run leaves
+    emit = progress if progress is not None and primary else (lambda info: None)
     train_ds = open_dataset(options.data.source, options.data.train_split)
     val_ds = open_dataset(options.data.source, options.data.val_split)
     if options.data.subset:
@@ -124,6 +126,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     augment = functools.partial(augment_host_batch, mixup_rows=any(h["mixup"] > 0 for h in hyp_list),
                                 axis_aligned=all(h[k] == 0 for h in hyp_list for k in AXIS_ALIGNED_KEYS))
     single_rows, mosaic_rows = _box_rows(train_ds, options.data.max_boxes)
+    my_rows = dist.local_rows(data_sharding, options.data.batch_size)  # of every batch, what this process reads
     if teacher is None:
         member_step = T.make_train_step(det, cfg, augment_fn=augment, hooks=hooks)
         shared: tuple = ()
@@ -131,12 +134,12 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     else:
         member_step = D.make_distill_step(det, teacher, cfg, augment_fn=augment, features=options.distill.features,
                                           hooks=hooks)
-        shared = (jax.device_put(D.teacher_params(teacher), NamedSharding(mesh, P())),)
+        shared = (dist.place(D.teacher_params(teacher), NamedSharding(mesh, P())),)
         init_one = lambda d, seed: T.with_run(D.init_state(d, teacher, features=options.distill.features, seed=seed), cfg)
     use_mosaic = any(h["mosaic"] > 0 for h in hyp_list)
-    hyp_arr = jax.device_put(H.stack(hyp_list), pop_sharding)
+    hyp_arr = dist.place(H.stack(hyp_list), pop_sharding)
     # the last `close_mosaic` epochs train on single images (same arrays, same compiled step)
-    hyp_closed = jax.device_put(H.stack([{**h, "mosaic": 0.0} for h in hyp_list]), pop_sharding)
+    hyp_closed = dist.place(H.stack([{**h, "mosaic": 0.0} for h in hyp_list]), pop_sharding)
     first_closed = options.optim.epochs - recipe["close_mosaic"]
     det.training = {"img_size": options.data.img_size, "recipe": recipe, "hyp": hyp_list[0], "data": str(options.data.source)}
     graphdef = nnx.split(det.model, nnx.Param, nnx.BatchStat)[0]
@@ -166,16 +169,18 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     elif out.exists() and any(out.iterdir()) and not resume:
         raise ConfigError(f"out {out}: exists and is not empty (use --resume to continue, or another --out)")
     fresh = not out.exists() or not any(out.iterdir())  # nothing of an earlier run is at stake
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "hyp.yaml").write_text(H.to_yaml(hyp_list[0]))
-    (out / "options.json").write_text(json.dumps(meta["options"], indent=1))
-    state = jax.device_put(state, pop_sharding)
+    dist.barrier("fit: out checked")  # every process has looked at `out` before the first writes to it
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "hyp.yaml").write_text(H.to_yaml(hyp_list[0]))
+        (out / "options.json").write_text(json.dumps(meta["options"], indent=1))
+    state = dist.place(state, pop_sharding)
     treedef = jax.tree.structure(state)
     # the loop holds the state as its flat leaves (`T.flat_state_step`: a cheaper dispatch)
     step_fn = T.population_step(T.flat_state_step(member_step, treedef), mesh, replicated=len(shared))
-    tb = _tensorboard(out)
+    tb = _tensorboard(out) if primary else _NullWriter()
 
-    step = int(np.asarray(state.step)[0])
+    step = int(dist.to_host(state.step)[0])
     emit({"event": "start", "iterations": cfg.total_iters, "step": step, "population": pop,
           "train_images": len(train_ds), "val_images": len(val_ds), "batches_per_epoch": nb,
           "anchors": anchor_report})
@@ -199,7 +204,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         _StateStore(out / "snapshots" / f"iter{step}", writer).save(state, {**meta, "step": step})
         for m in range(pop):
             folder = out / "weights" / (f"member{m}" if pop > 1 else "")
-            writer.submit(_save_detector, T.ema_detector(det, T.member(state, m), ema=False), folder / f"iter{step}")
+            writer.submit(_save_detector, T.ema_detector(det, _member(state, m), ema=False), folder / f"iter{step}")
 
     try:
         if step in snapshots and not (out / "snapshots" / f"iter{step}").exists():
@@ -210,7 +215,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
             batches = train_batches(train_ds, img_size=options.data.img_size, batch_size=options.data.batch_size,
                                     max_boxes=single_rows, mosaic_max_boxes=mosaic_rows, seed=options.seed,
                                     epoch=epoch, mosaic=use_mosaic, start_batch=start_batch,
-                                    num_workers=options.data.workers, cache=cache)
+                                    num_workers=options.data.workers, cache=cache, rows=my_rows)
             sums, count, pending = None, 0, None
             if start_batch and resumed_sums:  # the epoch's running averages continue exactly
                 count = np.asarray(resumed_sums["count"], np.int64)
@@ -221,7 +226,8 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
                 batch = {k: v for k, v in batch.items() if k not in ("index", "overflow", "mosaic_overflow")}
                 keys = jax.random.split(jax.random.fold_in(base_key, step), pop)
                 hyp_now = hyp_closed if epoch >= first_closed else hyp_arr
-                leaves, metrics = step_fn(leaves, *shared, jax.device_put(batch, data_sharding), hyp_now, keys)
+                batch = dist.global_batch(batch, data_sharding, options.data.batch_size)
+                leaves, metrics = step_fn(leaves, *shared, batch, hyp_now, dist.place_keys(keys, pop_sharding))
                 if pending is not None:  # read the previous step's metrics while this one runs
                     sums, count = _accumulate(sums, count, pending, options, step - 1, emit)
                 pending = metrics
@@ -248,22 +254,23 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
             else:
                 results = [None] * pop
                 timing["time/val_s"] = float("nan")
-            records = []
+            records, lrs = [], dist.to_host(pending["lr"])
             for m in range(pop):
                 rec = _record(epoch, step, time.time() - t_start, sums, count, m, results[m], pop,
-                              float(np.asarray(pending["lr"])[m]), timing, terms=terms, levels=levels)
+                              float(lrs[m]), timing, terms=terms, levels=levels)
                 records.append(rec)
                 if results[m] is not None and options.checkpoint.save_weights:
                     # device-side slices: fresh buffers that the next step's donation cannot touch
-                    member_det = T.ema_detector(det, T.member(state, m))
+                    member_det = T.ema_detector(det, _member(state, m))
                     folder = out / "weights" / (f"member{m}" if pop > 1 else "")
                     improved = rec.fitness > best[m]
                     best[m] = max(best[m], rec.fitness)
                     writer.submit(_save_weights, member_det, folder, improved)
             history.extend(records)
             rows = [r.row() for r in records]
-            _write_csv(out / "results.csv", [r.row() for r in history])
-            if results[0] is not None and options.eval.plots:
+            if primary:
+                _write_csv(out / "results.csv", [r.row() for r in history])
+            if results[0] is not None and options.eval.plots and primary:
                 _eval_plots(out, results[0], val_ds)
             for row in rows:
                 tb.scalars({k: v for k, v in row.items() if isinstance(v, float) and np.isfinite(v)},
@@ -272,7 +279,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
             emit({"event": "epoch", "epoch": epoch, "epochs": options.optim.epochs, "rows": rows})
             heap.settle()
     except BaseException:
-        if fresh and not saves[0]:  # stopped before its first saved state: nothing to resume from
+        if fresh and not saves[0] and primary:  # stopped before its first saved state: nothing to resume from
             with contextlib.suppress(Exception):  # the error being raised is the one to report
                 writer.close()
                 tb.close()
@@ -284,11 +291,11 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         heap.release()
         writer.close()
     tb.close()
-    final = jax.device_get(state)
+    final = dist.to_host(state)
     dets = []
     for m in range(pop):
         dets.append(T.ema_detector(det, T.member(final, m)))
-    if options.eval.plots:
+    if options.eval.plots and primary:
         _plots(out)
     emit({"event": "end", "out": str(out), "best_fitness": best})
     return RunResult(out=out, records=history, best_fitness=best, detectors=dets)
@@ -358,6 +365,13 @@ def initial_population(options: TrainOptions, det, pop: int, init_one=None) -> T
     return jax.tree.map(lambda *xs: jnp.stack(xs), *members)
 
 
+def _member(state, m: int):
+    """Member m of the population's state: device-side slices (fresh buffers that the next step's
+    donation cannot touch); with several processes, its value in every process."""
+    one = T.member(state, m)
+    return dist.to_host(one) if dist.multi_process() else one
+
+
 def _teacher(options: TrainOptions):
     """The teacher detector of a distillation run (None without one)."""
     if not options.distill.teacher:
@@ -376,11 +390,13 @@ def _mesh(pop: int, options: TrainOptions):
     data = n // mp
     while data > 1 and options.data.batch_size % data:
         data -= 1
-    return T.make_mesh(mp, data)
+    mesh = T.make_mesh(mp, data)
+    dist.check_mesh_covers_processes(mesh)
+    return mesh
 
 
 def _accumulate(sums, count, metrics, options, step, emit):
-    m = jax.device_get(metrics)
+    m = dist.to_host(metrics)
     if not bool(np.all(m["finite"])):
         bad = np.flatnonzero(~np.asarray(m["finite"])).tolist()
         log.warning("iteration %d: non-finite loss for member(s) %s; update skipped", step, bad)
@@ -467,17 +483,22 @@ def _read_history(path: Path) -> list[dict]:
 
 
 def _save_detector(det, path: Path) -> None:
+    """`det` saved at `path` atomically. Every process calls it (Orbax's save is collective);
+    the files are moved by the primary alone."""
     tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    primary = dist.is_primary()
+    if primary:
+        shutil.rmtree(tmp, ignore_errors=True)
     det.save(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    if primary:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
 
 
 def _save_weights(det, folder: Path, improved: bool) -> None:
     """weights/last, and weights/best as a copy of it when the epoch improved the fitness."""
     _save_detector(det, folder / "last")
-    if improved:
+    if improved and dist.is_primary():
         tmp = folder / "best.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(folder / "last", tmp)
@@ -679,8 +700,12 @@ class _StateStore:
         pure = _to_pure(state)
         # packed on the device into new buffers, which the next step's donation cannot touch; the
         # copy to the host happens on the writer thread (on the main thread it took 130-160 ms of
-        # each yolov4n epoch, most of it per-leaf transfers)
+        # each yolov4n epoch, most of it per-leaf transfers). With several processes the packed
+        # vectors are gathered here, in step with the others (a collective); every process then
+        # takes part in Orbax's save of them, which the primary writes
         packed = _pack(pure)
+        if dist.multi_process():
+            packed = dist.to_host(packed)
         self._writer.submit(self._write, packed, _jsonable({**meta, "layout": _pack_layout(pure)}))
 
     def _write(self, packed, meta: dict) -> None:

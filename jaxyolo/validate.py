@@ -17,8 +17,11 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from flax import nnx
 
+from jaxyolo import distributed as dist
 from jaxyolo import families
 from jaxyolo.augment import to_unit
 from jaxyolo.data.dataset import DetectionDataset
@@ -56,16 +59,17 @@ def letterboxed_targets(dataset: DetectionDataset, batch: dict, max_boxes: int):
 
 
 @functools.lru_cache(maxsize=16)
-def _population_eval(graphdef, spec, max_det, gain_rule):
+def _population_eval(graphdef, spec, max_det, gain_rule, mesh=None):
     """The jitted evaluation of one batch for every member, for this architecture and settings.
 
     Built once per architecture and kept: as static arguments of one jitted function, the graph
-    definition would be hashed on every batch (5 ms each for a small model on the CPU)."""
+    definition would be hashed on every batch (5 ms each for a small model on the CPU). With the
+    members sharded over a mesh's 'pop' axis, each device group evaluates its own members
+    (`shard_map`, as the train step: the partitioner cannot split the vmapped convolutions)."""
 
     family = families.of(spec)
 
-    @jax.jit
-    def run(params, stats, images, boxes, classes, mask, hyp, conf, iou):
+    def members(params, stats, hyp, images, boxes, classes, mask, conf, iou):
         images = to_unit(images)
 
         def one(p, s, h):
@@ -83,7 +87,21 @@ def _population_eval(graphdef, spec, max_det, gain_rule):
         dets = nms(flat, conf_thres=conf, iou_thres=iou, max_det=max_det)
         return terms, jax.tree.map(lambda x: x.reshape(pop, b, *x.shape[1:]), dets)
 
+    if mesh is not None:
+        members = jax.shard_map(members, mesh=mesh, in_specs=(P("pop"),) * 3 + (P(),) * 6,
+                                out_specs=(P("pop"), P("pop")), axis_names={"pop"}, check_vma=False)
+
+    @jax.jit
+    def run(params, stats, images, boxes, classes, mask, hyp, conf, iou):
+        return members(params, stats, hyp, images, boxes, classes, mask, conf, iou)
+
     return run
+
+
+def _members_mesh(params):
+    """The ('pop', 'data') mesh the members are placed on, if any."""
+    mesh = getattr(getattr(jax.tree.leaves(params)[0], "sharding", None), "mesh", None)
+    return mesh if mesh is not None and set(mesh.axis_names) == {"pop", "data"} else None
 
 
 def validate_population(graphdef, spec, params, stats, hyp, dataset: DetectionDataset, *, img_size: int,
@@ -101,15 +119,27 @@ def validate_population(graphdef, spec, params, stats, hyp, dataset: DetectionDa
     pop = jax.tree.leaves(params)[0].shape[0]
     preds = [[None] * len(dataset) for _ in range(pop)]
     local_sum, n_batches = 0.0, 0
-    run = _population_eval(graphdef, spec, max_det, gain_rule)
+    mesh = _members_mesh(params)
+    if dist.multi_process() and mesh is None:  # members held whole in each process: placed over all devices
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(1, -1), ("pop", "data"))
+        params, stats, hyp = dist.place((params, stats, hyp), NamedSharding(mesh, P("pop")))
+    run = _population_eval(graphdef, spec, max_det, gain_rule,
+                           mesh if mesh is not None and (mesh.shape["pop"] > 1 or dist.multi_process()) else None)
     conf, iou = jnp.float32(conf_thres), jnp.float32(iou_thres)
-    batches = eval_batches(dataset, img_size=img_size, batch_size=batch_size, num_workers=workers)
+    # with several processes each reads its rows of every batch (those its devices hold on 'data')
+    rows_sharding = NamedSharding(mesh, P("data")) if mesh is not None else None
+    rows = None
+    if dist.multi_process() and batch_size % mesh.shape["data"] == 0:
+        rows = dist.local_rows(rows_sharding, batch_size)
+        rows = None if rows == slice(0, batch_size) else rows  # 'data' within each process: all read all
+    split = rows is not None
+    batches = eval_batches(dataset, img_size=img_size, batch_size=batch_size, num_workers=workers, rows=rows)
 
     def collect(batch, terms, dets):
         nonlocal local_sum, n_batches
-        local_sum = local_sum + np.asarray(terms["local"])
+        local_sum = local_sum + dist.to_host(terms["local"])
         n_batches += 1
-        dets = jax.device_get(dets)
+        dets = dist.to_host(dets)  # with several processes: gathered from the members' processes
         for m in range(pop):
             per_image = split_detections(jax.tree.map(lambda x, m=m: x[m], dets))
             for j, idx in enumerate(batch["index"].tolist()):
@@ -124,7 +154,11 @@ def validate_population(graphdef, spec, params, stats, hyp, dataset: DetectionDa
     pending = None  # the previous batch, read back while this one runs on the device
     for batch in batches:
         boxes, classes, mask = letterboxed_targets(dataset, batch, max_boxes)
-        out = run(params, stats, batch["image"], boxes, classes, mask, hyp, conf, iou)
+        arrays = (batch["image"], boxes, classes, mask)
+        if split:  # the global batch from every process's rows; the rows' descriptions to every process
+            arrays = tuple(dist.global_array(a, rows_sharding, batch_size) for a in arrays)
+            batch = dist.gather_rows({k: batch[k] for k in ("index", "ratio_pad", "orig_shape")})
+        out = run(params, stats, *arrays, hyp, conf, iou)
         if pending is not None:
             collect(*pending)
         pending = (batch, *out)

@@ -38,6 +38,17 @@ def apply_defaults() -> bool:
     return True
 
 
+def withdraw() -> bool:
+    """Take `FLAG` back out of `XLA_FLAGS` before the backend starts; True if it was there. XLA
+    refuses some layouts in YNNPACK fusions of programs that span several processes ("Instruction
+    with unsupported layout in YNN fusion"), so a multi-process run goes without it."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if FLAG not in flags or backend_started():
+        return False
+    os.environ["XLA_FLAGS"] = " ".join(f for f in flags.split() if f != FLAG)
+    return True
+
+
 def backend_started() -> bool:
     """Whether this process has started a JAX backend (XLA flags set after that are ignored).
     JAX has no public call for it; this is the one place that reaches into its internals."""

@@ -40,6 +40,7 @@ from typing import Any
 
 import yaml
 
+from jaxyolo import distributed as dist
 from jaxyolo import hyp as H
 from jaxyolo.errors import ConfigError
 from jaxyolo.files import atomic_write_text, read_document
@@ -357,6 +358,7 @@ def _check_saved_config(cfg: PipelineConfig, out: Path) -> None:
         return
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"out {out}: exists, is not empty and holds no pipeline run; use another --out")
+    dist.barrier("pipeline: out checked")  # every process has looked before the first write
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "pipeline.json", json.dumps({"format": FORMAT, "config": cfg.to_dict()}, indent=1))
 
@@ -405,6 +407,8 @@ def _run_unit(step: dict, cfg: PipelineConfig, results: dict, out: Path, emit) -
     if kind == "kst":
         return {"kst": _kst_stage(cfg, results)}
     if kind == "deploy":
+        if not dist.is_primary():  # the export, its parity check and the latency table: process 0's job
+            return {"deploy": {"kind": "deploy", "skipped": "not process 0"}}
         return {"deploy": _deploy_stage(step, cfg, results, out)}
     raise AssertionError(kind)
 
@@ -526,4 +530,6 @@ def _deploy_stage(step: dict, cfg: PipelineConfig, results: dict, out: Path) -> 
 def _write_report(cfg: PipelineConfig, out: Path, results: dict) -> Path:
     from jaxyolo.search import report
 
+    if not dist.is_primary():
+        return out / "report.md"
     return report.write(cfg, out, results)

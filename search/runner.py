@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxyolo import distributed as dist
 from jaxyolo import families
 from jaxyolo import hyp as H
 from jaxyolo.errors import ConfigError
@@ -216,8 +217,9 @@ def run_search(options: SearchOptions, *, resume: bool = False, evaluate: Evalua
         if out.exists() and any(out.iterdir()) and not resume:
             raise ConfigError(f"out {out}: exists and is not empty (use --resume to continue, or another --out)")
         trials = []
+    dist.barrier("search: out checked")  # every process has looked before the first write
     out.mkdir(parents=True, exist_ok=True)
-    emit = progress or (lambda info: None)
+    emit = progress if progress is not None and dist.is_primary() else (lambda info: None)
     evaluate = evaluate or train_evaluator(options)
     start_vec = space.start_vector()  # the space's `start` values; `options.train.hyp` fills the other keys
 
@@ -357,6 +359,8 @@ def _plots(out: Path, trials: list[dict], space: SearchSpace) -> None:
     try:
         from jaxyolo.search import plots
     except ImportError:
+        return
+    if not dist.is_primary():
         return
     try:
         plots.plot_search(out, trials, space)

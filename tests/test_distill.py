@@ -21,7 +21,6 @@ from helpers import distill_case as dcase
 from helpers import train_case as case
 from helpers import train_runs as R
 from helpers.state_files import saved_state
-from helpers.train_runs import run_on_eight_devices
 from test_train_step import assert_same_training
 
 import jaxyolo
@@ -249,10 +248,9 @@ def test_population_of_students_equals_separate_runs(pair, one_device):
     assert np.linalg.norm(_flat((params, adapters), 0) - _flat((params, adapters), 1)) > 0.1 * moved
 
 
-def test_eight_fake_devices_equal_one(tmp_path, one_device):
+def test_eight_fake_devices_equal_one(runs_root, one_device):
     """pop=2 × data=4 on 8 host devices against pop=1 × data=1 here: the same numbers."""
-    out = tmp_path / "eight.npz"
-    eight = run_on_eight_devices("distill_case", out, 2, 4)
+    eight = R.distill_on_eight_devices(runs_root)
     params, adapters, loss, kd = one_device
     np.testing.assert_allclose(eight["loss"], loss, rtol=1e-4)
     np.testing.assert_allclose(eight["kd"], kd, rtol=1e-3, atol=1e-7)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -112,16 +113,55 @@ def build_parser() -> argparse.ArgumentParser:
     search_cmd.add_parser(sub)
     pipeline_cmd.add_parser(sub)
     bench_cmd.add_parser(sub)
+    for name in MULTI_PROCESS_COMMANDS:
+        _add_process_args(sub.choices[name])
     return p
+
+
+MULTI_PROCESS_COMMANDS = ("train", "search", "pipeline", "eval")
+
+
+def _add_process_args(p) -> None:
+    g = p.add_argument_group("many processes (one per host; see the README's 'Many hosts')")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="process 0's address; with --num-processes and --process-id (default: what the "
+                        "environment says: SLURM, Open MPI, a TPU slice, JAX_COORDINATOR_ADDRESS; else one process)")
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in MULTI_PROCESS_COMMANDS:
+            from jaxyolo import distributed
+
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         return args.func(args)
     except JaxyoloError as e:
         print(f"jaxyolo {args.command}: error: {e}", file=sys.stderr)
+        _leave_the_others(2)
         return 2
+    except BaseException:
+        from jaxyolo import distributed
+
+        if distributed.multi_process():
+            import traceback
+
+            traceback.print_exc()
+            _leave_the_others(1)
+        raise
+
+
+def _leave_the_others(code: int) -> None:
+    """In a multi-process run, a process that stops on an error exits at once: the others then
+    miss its heartbeats and stop within seconds, instead of waiting in a collective for it."""
+    from jaxyolo import distributed
+
+    if distributed.multi_process():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,10 @@ def run_model(args) -> int:
                            f"has {ds.num_classes}")
     res = validate(det, ds, img_size=args.img, batch_size=args.batch, conf_thres=args.conf, iou_thres=args.iou,
                    keep_detections=bool(args.save_dets))
+    from jaxyolo import distributed
+
+    if not distributed.is_primary():  # with several processes, process 0 reports (the same numbers)
+        return 0
     if args.save_dets:
         from pathlib import Path
 

@@ -433,6 +433,14 @@ def _absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _batch_rows(indices: list[int], batch_size: int, num_batches: int, rows: slice | None):
+    """(indices, batch size) of the batches cut to `rows` of each (unchanged for None or all)."""
+    if rows is None or rows == slice(0, batch_size):
+        return indices, batch_size
+    cut = [i for b in range(num_batches) for i in indices[b * batch_size:(b + 1) * batch_size][rows]]
+    return cut, len(range(batch_size)[rows])
+
+
 def _num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
     return n // batch_size if drop_remainder else math.ceil(n / batch_size)
 
@@ -453,6 +461,7 @@ def train_batches(
     shuffle: bool = True,
     drop_remainder: bool = True,
     cache: ResizedCache | None = None,
+    rows: slice | None = None,
 ) -> Batches:
     """One epoch of training batches, a dict of numpy arrays each (s = ``img_size``, B, M):
 
@@ -476,7 +485,9 @@ def train_batches(
     building whole batches) or ``num_threads`` (grain threads per process). ``start_batch`` skips
     that many batches without loading them (exact resume). ``cache`` (a `ResizedCache` of this
     dataset at ``img_size``, kept by the caller across epochs) serves the resized images; the
-    batches are the same with or without it.
+    batches are the same with or without it. ``rows`` (a slice of ``range(batch_size)``) builds
+    those rows of every batch only: a process's part of a global batch, the same rows as in the
+    whole batch.
     """
     n = len(dataset)
     if cache is not None and (cache.dataset is not dataset or cache.size != int(img_size)):
@@ -493,6 +504,9 @@ def train_batches(
     transform = _TrainSample(dataset, int(img_size), int(max_boxes), int(mosaic_max_boxes or max_boxes),
                              int(seed), int(epoch), bool(mosaic), cache)
     indices = [int(i) for i in epoch_order(n, seed, epoch, shuffle)[: num_batches * batch_size]]
+    if rows is not None and not drop_remainder:
+        raise ValueError("rows: needs whole batches (drop_remainder=True)")
+    indices, batch_size = _batch_rows(indices, batch_size, num_batches, rows)
     return Batches(indices, transform, batch_size=batch_size, drop_remainder=drop_remainder,
                    num_batches=num_batches, start_batch=start_batch, num_workers=num_workers,
                    num_threads=num_threads)
@@ -505,6 +519,7 @@ def eval_batches(
     batch_size: int,
     num_workers: int = 0,
     num_threads: int = 2,
+    rows: slice | None = None,
 ) -> Batches:
     """Evaluation batches in dataset order, every batch full (one shape for jit):
 
@@ -518,11 +533,13 @@ def eval_batches(
     ==============  ==============  ===============================================================
 
     See `unletterbox_boxes`. Square letterbox instead of the reference's rect batches (module doc).
+    ``rows`` builds only those rows of every batch (a process's part), as `train_batches`.
     """
     n = len(dataset)
     if n == 0 or batch_size < 1:
         raise ValueError(f"need a non-empty dataset and batch_size >= 1, got {n} samples, batch {batch_size}")
     num_batches = math.ceil(n / batch_size)
     indices = list(range(n)) + [-1] * (num_batches * batch_size - n)
+    indices, batch_size = _batch_rows(indices, batch_size, num_batches, rows)
     return Batches(indices, _EvalSample(dataset, int(img_size)), batch_size=batch_size, drop_remainder=True,
                    num_batches=num_batches, start_batch=0, num_workers=num_workers, num_threads=num_threads)

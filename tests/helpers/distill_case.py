@@ -11,10 +11,13 @@ import sys
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from helpers import train_case as case
 
 import jaxyolo
 from jaxyolo import distill as D
+from jaxyolo import distributed as dist
 from jaxyolo import hyp as H
 from jaxyolo import train_step as T
 
@@ -56,15 +59,20 @@ def setup():
 def run_mesh(pop: int, data: int):
     """2 students, `STEPS` steps of the feature-imitation distill step on a (pop, data) mesh."""
     student, tdet, cfg = setup()
-    step = T.population_step(D.make_distill_step(student, tdet, cfg, features=True), T.make_mesh(pop, data))
-    states = T.replicate(D.init_state(student, tdet, features=True), 2)
-    tparams = D.teacher_params(tdet)
-    hyp = H.stack(hyps())
+    mesh = T.make_mesh(pop, data)
+    members, everywhere, rows = (NamedSharding(mesh, P(*axes)) for axes in (("pop",), (), ("data",)))
+    step = T.population_step(D.make_distill_step(student, tdet, cfg, features=True), mesh)
+    # placed through jaxyolo.distributed: the same calls with one process or several
+    states = dist.place(T.replicate(D.init_state(student, tdet, features=True), 2), members)
+    tparams = dist.place(D.teacher_params(tdet), everywhere)
+    hyp = dist.place(H.stack(hyps()), members)
     for s in range(STEPS):
-        keys = jax.random.split(jax.random.key(s), 2)
-        states, metrics = step(states, tparams, case.batch(s), hyp, keys)
-    return (jax.tree.map(np.asarray, states.params), jax.tree.map(np.asarray, states.aux["params"]),
-            np.asarray(metrics["loss"]), np.asarray(metrics["kd"]))
+        keys = dist.place_keys(jax.random.split(jax.random.key(s), 2), members)
+        batch = case.batch(s)
+        n = len(batch["image"])
+        mine = {k: v[dist.local_rows(rows, n)] for k, v in batch.items()}
+        states, metrics = step(states, tparams, dist.global_batch(mine, rows, n), hyp, keys)
+    return dist.to_host((states.params, states.aux["params"], metrics["loss"], metrics["kd"]))
 
 
 if __name__ == "__main__":

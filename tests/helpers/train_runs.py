@@ -204,3 +204,15 @@ def run_on_eight_devices(module: str, out: Path, pop: int, data: int):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return np.load(out)
+
+
+def distill_on_eight_devices(root: Path):
+    """`helpers.distill_case` on a (pop 2, data 4) mesh of 8 fake devices in one process, run once
+    per session (the reference of more than one test)."""
+    import numpy as np
+
+    def build(path):
+        path.mkdir(parents=True)
+        run_on_eight_devices("distill_case", path / "eight.npz", 2, 4)
+
+    return np.load(build_once(root / "distill-eight", build) / "eight.npz")
