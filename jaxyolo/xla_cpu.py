@@ -13,8 +13,10 @@ jaxyolo keeps YNNPACK for those and leaves convolutions to XLA:
 JAX / PyTorch 0.97 with the flag on an AVX2 CPU; 1.22 with it against 1.68 without on an AVX-512
 one, so it is applied whatever the CPU's features.)
 The flag only concerns the CPU backend. It is not applied when `XLA_FLAGS` already sets
-`xla_cpu_experimental_ynn_fusion_type` (the user's choice wins), when `JAXYOLO_XLA_DEFAULTS=0`, or
-when a JAX backend is already running (XLA reads its flags once, at start-up).
+`xla_cpu_experimental_ynn_fusion_type` (the user's choice wins), when `JAXYOLO_XLA_DEFAULTS=0`,
+when `XLA_FLAGS` asks for several host devices (XLA refuses some of its fusions in partitioned
+programs), or when a JAX backend is already running (XLA reads its flags once, at start-up); a
+multi-process run withdraws it (`withdraw`).
 """
 
 from __future__ import annotations
@@ -32,16 +34,26 @@ def apply_defaults() -> bool:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_experimental_ynn_fusion_type" in flags:
         return False
+    if _host_device_count(flags) > 1:  # see `withdraw`: several CPU devices, programs XLA partitions
+        return False
     if backend_started():
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {FLAG}".strip()
     return True
 
 
+def _host_device_count(flags: str) -> int:
+    for f in flags.split():
+        if f.startswith("--xla_force_host_platform_device_count="):
+            return int(f.split("=", 1)[1] or 1)
+    return 1
+
+
 def withdraw() -> bool:
     """Take `FLAG` back out of `XLA_FLAGS` before the backend starts; True if it was there. XLA
-    refuses some layouts in YNNPACK fusions of programs that span several processes ("Instruction
-    with unsupported layout in YNN fusion"), so a multi-process run goes without it."""
+    refuses some layouts in YNNPACK fusions of partitioned programs, over several CPU devices or
+    processes ("Instruction with unsupported layout in YNN fusion"), so such runs go without it
+    (a process with several CPU devices never takes it: `apply_defaults`)."""
     flags = os.environ.get("XLA_FLAGS", "")
     if FLAG not in flags or backend_started():
         return False

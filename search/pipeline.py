@@ -308,7 +308,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, stages: Sequence[str] 
     {"event": "stage", "stage": unit, "rows", "status": "start" | "cached" | "done", "seconds"} and
     the trainer's and the search's own events."""
     out = Path(out)
-    emit = progress or (lambda info: None)
+    emit = progress if progress is not None and dist.is_primary() else (lambda info: None)
     cfg.check()
     _check_saved_config(cfg, out)
     todo = units_for(stages or STAGES)

@@ -152,6 +152,10 @@ def test_xla_cpu_flag_respects_the_user(monkeypatch):
     monkeypatch.setenv("JAXYOLO_XLA_DEFAULTS", "0")
     assert not xla_cpu.apply_defaults() and os.environ["XLA_FLAGS"] == ""
     monkeypatch.delenv("JAXYOLO_XLA_DEFAULTS")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert not xla_cpu.apply_defaults()  # several CPU devices: partitioned programs, no YNN fusions
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_foo=1 {xla_cpu.FLAG}")
+    assert xla_cpu.withdraw() and os.environ["XLA_FLAGS"] == "--xla_foo=1"  # a multi-process run
     monkeypatch.setattr(xla_cpu, "backend_started", lambda: True)
     assert not xla_cpu.apply_defaults()  # too late: XLA has read its flags
 

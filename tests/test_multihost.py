@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -125,7 +126,8 @@ def test_validation_is_split_over_the_processes_and_gathered(tmp_path):
 def test_a_dead_process_stops_the_other_and_both_resume_exactly(runs, tmp_path):
     """Process 1 killed mid-run: process 0 exits by itself, with the runtime's message, well
     within the time limit (a pause after each step keeps the run going until the kill). Both
-    restarted with resume end with the unbroken two-process run's weights."""
+    restarted with resume end with the unbroken two-process run's weights; one process of 8
+    devices resuming the same state ends there too, to float rounding."""
     out = tmp_path / "killed"
     procs = _start("fit", out, 2, 4, slow=True)
     state = out / "run" / "state"
@@ -140,11 +142,19 @@ def test_a_dead_process_stops_the_other_and_both_resume_exactly(runs, tmp_path):
     log0 = (out / "fit.log0").read_text()
     assert codes[0] != 0 and waited < 60, log0[-3000:]
     assert "another task died" in log0 or "unhealthy" in log0 or "Connection closed" in log0, log0[-3000:]
+    other = tmp_path / "other-count"
+    shutil.copytree(out, other)
     _run("resume", out, 2, 4)
     resumed, unbroken = _weights(out / "weights.p0.npz"), _weights(runs / "two" / "weights.p0.npz")
     for k in unbroken:
         if k != "fitness":
             np.testing.assert_array_equal(resumed[k], unbroken[k], err_msg=k)
+    # the same saved state resumed by one process of 8 devices: the same run, to float rounding
+    _run("resume", other, 1, 8)
+    resumed = _weights(other / "weights.p0.npz")
+    for k in unbroken:
+        if k != "fitness":
+            np.testing.assert_allclose(resumed[k], unbroken[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
 def test_the_runtime_starts_only_when_asked_or_when_the_environment_says_so(monkeypatch):
