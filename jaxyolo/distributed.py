@@ -18,6 +18,7 @@ With one process each of these is the plain single-process call, so nothing chan
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 
@@ -31,6 +32,8 @@ log = logging.getLogger("jaxyolo.distributed")
 HEARTBEAT_S = 10  # a process silent this long is dead: the others stop (JAX aborts them) instead of waiting
 SHUTDOWN_S = 120  # how long a process that has finished waits for the others to finish too
 INIT_S = 120  # how long a process waits for the others to join
+BARRIER_S = 3600  # how long a process waits at a barrier for the others (compilation included)
+_BARRIERS = itertools.count()  # every process calls the barriers in the same order: the same keys
 
 
 def environment_processes() -> int:
@@ -141,15 +144,30 @@ def gather_rows(tree):
         return tree
     from jax.experimental import multihost_utils
 
+    barrier("gather_rows")
     return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True)), tree)
 
 
 def barrier(name: str) -> None:
-    """Wait until every process gets here (nothing with one process)."""
+    """Wait until every process gets here (nothing with one process). A barrier of the runtime's
+    key-value store, not a device collective: gloo gives the processes 30 s to meet in a new
+    collective, and a process may lag more than that behind another (compiling on a busy host);
+    this one waits `BARRIER_S`, and a process that dies is caught by the heartbeats meanwhile."""
     if multi_process():
-        from jax.experimental import multihost_utils
+        from orbax.checkpoint import multihost
 
-        multihost_utils.sync_global_devices(name)
+        multihost.get_barrier_sync_fn()(key=f"jaxyolo-{next(_BARRIERS)}-{name}", timeout_ms=BARRIER_S * 1000)
+
+
+def compiled(fn, *args):
+    """`fn` (a jitted function) compiled for `args` in every process, then a barrier: a program
+    whose collectives span processes starts in step everywhere (see `barrier`). With one
+    process, `fn` itself."""
+    if not multi_process():
+        return fn
+    done = fn.lower(*args).compile()
+    barrier("compiled")
+    return done
 
 
 def to_host(tree):
@@ -164,6 +182,7 @@ def to_host(tree):
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
 
+    barrier("to_host")  # meet before the gathers' collectives
     return jax.tree.map(get, tree)
 
 

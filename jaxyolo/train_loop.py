@@ -178,6 +178,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     treedef = jax.tree.structure(state)
     # the loop holds the state as its flat leaves (`T.flat_state_step`: a cheaper dispatch)
     step_fn = T.population_step(T.flat_state_step(member_step, treedef), mesh, replicated=len(shared))
+    step_program = None
     tb = _tensorboard(out) if primary else _NullWriter()
 
     step = int(dist.to_host(state.step)[0])
@@ -227,7 +228,10 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
                 keys = jax.random.split(jax.random.fold_in(base_key, step), pop)
                 hyp_now = hyp_closed if epoch >= first_closed else hyp_arr
                 batch = dist.global_batch(batch, data_sharding, options.data.batch_size)
-                leaves, metrics = step_fn(leaves, *shared, batch, hyp_now, dist.place_keys(keys, pop_sharding))
+                args = (leaves, *shared, batch, hyp_now, dist.place_keys(keys, pop_sharding))
+                if step_program is None:  # with several processes: compiled, then started in step
+                    step_program = dist.compiled(step_fn, *args)
+                leaves, metrics = step_program(*args)
                 if pending is not None:  # read the previous step's metrics while this one runs
                     sums, count = _accumulate(sums, count, pending, options, step - 1, emit)
                 pending = metrics

@@ -151,14 +151,16 @@ def validate_population(graphdef, spec, params, stats, hyp, dataset: DetectionDa
         if progress is not None:
             progress(n_batches, len(batches))
 
-    pending = None  # the previous batch, read back while this one runs on the device
+    pending, program = None, None  # the previous batch, read back while this one runs on the device
     for batch in batches:
         boxes, classes, mask = letterboxed_targets(dataset, batch, max_boxes)
         arrays = (batch["image"], boxes, classes, mask)
         if split:  # the global batch from every process's rows; the rows' descriptions to every process
             arrays = tuple(dist.global_array(a, rows_sharding, batch_size) for a in arrays)
             batch = dist.gather_rows({k: batch[k] for k in ("index", "ratio_pad", "orig_shape")})
-        out = run(params, stats, *arrays, hyp, conf, iou)
+        if program is None:
+            program = dist.compiled(run, params, stats, *arrays, hyp, conf, iou)
+        out = program(params, stats, *arrays, hyp, conf, iou)
         if pending is not None:
             collect(*pending)
         pending = (batch, *out)
