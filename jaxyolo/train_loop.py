@@ -537,7 +537,11 @@ class _SettledHeap:
 
 class _Background:
     """One writer thread, so that an epoch's weights are written while the next epoch trains.
-    Jobs run in order, one at a time; an error in one is raised by the next submit or wait."""
+    Jobs run in order, one at a time; an error in one is raised by the next submit or wait.
+
+    With several processes the jobs run at once, on the calling thread: Orbax's saves take part
+    in collectives of their own, and on a writer thread they interleaved with the training
+    step's in a different order on each process (a run hung under load)."""
 
     def __init__(self):
         from concurrent.futures import ThreadPoolExecutor
@@ -546,6 +550,9 @@ class _Background:
         self._pending = []
 
     def submit(self, fn, *args) -> None:
+        if dist.multi_process():
+            fn(*args)
+            return
         for f in self._pending:
             if f.done():
                 f.result()  # a failed write stops the run here
