@@ -33,6 +33,7 @@ HEARTBEAT_S = 10  # a process silent this long is dead: the others stop (JAX abo
 SHUTDOWN_S = 120  # how long a process that has finished waits for the others to finish too
 INIT_S = 120  # how long a process waits for the others to join
 BARRIER_S = 3600  # how long a process waits at a barrier for the others (compilation included)
+_COMPILED: dict = {}  # `compiled` programs by function and argument signature
 _BARRIERS = itertools.count()  # every process calls the barriers in the same order: the same keys
 
 
@@ -165,9 +166,13 @@ def compiled(fn, *args):
     process, `fn` itself."""
     if not multi_process():
         return fn
-    done = fn.lower(*args).compile()
-    barrier("compiled")
-    return done
+    leaves, treedef = jax.tree.flatten(args)
+    key = (fn, treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x))), getattr(x, "sharding", None))
+                              for x in leaves))
+    if key not in _COMPILED:  # compiled once per signature (every epoch's validation reuses it)
+        _COMPILED[key] = fn.lower(*args).compile()
+        barrier("compiled")
+    return _COMPILED[key]
 
 
 def to_host(tree):
