@@ -1,4 +1,5 @@
-"""Detector families by name (`base.Family`): YOLOv4 (`families.yolov4`) is built in; another
+"""Detector families by name (`base.Family`): YOLOv4 (`families.yolov4`) and the anchor-free GFL
+family (`families.gfl`) are built in; another
 family registers itself with `register` when its module is imported. A package that provides a
 family declares it as an entry point in the group `jaxyolo.families` (name = the family's name,
 value = "module:object", the Family instance), so a table naming it works with nothing imported
@@ -14,6 +15,7 @@ from jaxyolo.errors import ConfigError
 from jaxyolo.families.base import Family
 
 DEFAULT = "yolov4"
+BUILT_IN = {"yolov4": "jaxyolo.families.yolov4", "gfl": "jaxyolo.families.gfl"}  # imported on first use
 ENTRY_POINTS = "jaxyolo.families"
 _REGISTRY: dict[str, Family] = {}
 
@@ -27,8 +29,10 @@ def register(family: Family) -> Family:
 
 
 def get(name: str) -> Family:
-    if name == DEFAULT and DEFAULT not in _REGISTRY:
-        import jaxyolo.families.yolov4  # noqa: F401  (registers itself)
+    if name in BUILT_IN and name not in _REGISTRY:
+        import importlib
+
+        importlib.import_module(BUILT_IN[name])  # registers itself
     if name not in _REGISTRY:
         _load_entry_point(name)
     if name not in _REGISTRY:
@@ -93,7 +97,8 @@ def load_model_table(name) -> tuple[str, dict]:
 
 
 def available() -> list[str]:
-    get(DEFAULT)
+    for name in BUILT_IN:
+        get(name)
     return sorted(_REGISTRY)
 
 

@@ -34,9 +34,10 @@ GRAD_MODES = ("auto", "cpu", "xla")  # auto: the CPU forms on the CPU, autodiff 
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
-def _conv(x, w, stride: int):
+def _conv(x, w, stride: int, groups: int = 1):
     p = w.shape[0] // 2
-    return lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)), dimension_numbers=_DN)
+    return lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)), dimension_numbers=_DN,
+                                    feature_group_count=groups)
 
 
 def _matmul(a, b):
@@ -127,11 +128,19 @@ def grad_mode(mode: str):
         _mode["grad"] = old
 
 
-def conv2d(x, w, stride: int = 1):
-    """NHWC × HWIO convolution with zero padding k//2 (PyTorch's), odd square kernels."""
+def conv2d(x, w, stride: int = 1, groups: int = 1):
+    """NHWC × HWIO convolution with zero padding k//2 (PyTorch's), odd square kernels; `groups`
+    independent channel groups (w (k, k, C / groups, C_out))."""
+    if groups != 1:
+        return grouped_conv2d(x, w, stride, groups)
     mode = _mode["grad"]
     if mode == "auto":
         mode = "cpu" if jax.default_backend() == "cpu" else "xla"
     if mode == "xla" or (w.shape[0] > 1 and stride == 1):
         return _conv(x, w, stride)
     return _conv_cpu_grad(x, w, stride)
+
+
+def grouped_conv2d(x, w, stride: int, groups: int):
+    """A grouped convolution (w (k, k, C / groups, C_out)); a depthwise one when groups = C."""
+    return _conv(x, w, stride, groups)

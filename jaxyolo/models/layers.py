@@ -32,7 +32,8 @@ def mish(x):
     return x * jnp.tanh(jax.nn.softplus(x))
 
 
-ACTIVATIONS = {"silu": jax.nn.silu, "mish": mish, "leaky": lambda x: jax.nn.leaky_relu(x, 0.1)}
+ACTIVATIONS = {"silu": jax.nn.silu, "mish": mish, "leaky": lambda x: jax.nn.leaky_relu(x, 0.1), "relu6": jax.nn.relu6,
+               "relu": jax.nn.relu, "linear": lambda x: x}
 
 
 def activation(name: str):
@@ -73,22 +74,28 @@ class Conv2d(nnx.Module):
     """A 2-D convolution with symmetric zero padding k//2 (PyTorch's), weight HWIO.
 
     Initialised like PyTorch's default: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    `groups` splits the channels into that many independent convolutions (weight (k, k, c1 /
+    groups, c2)); groups = c1 = c2 is a depthwise convolution.
     """
 
     TORCH_ORDER = ("weight", "bias")
 
-    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, *, bias: bool = False, dtype=None, rngs: nnx.Rngs):
-        bound = 1.0 / math.sqrt(c1 * k * k)
-        self.weight = nnx.Param(random_uniform(rngs, (k, k, c1, c2), bound))
+    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, *, bias: bool = False, groups: int = 1, dtype=None,
+                 rngs: nnx.Rngs):
+        if c1 % groups or c2 % groups:
+            raise ConfigError(f"Conv2d: channels {c1} -> {c2} are not divisible into {groups} groups")
+        bound = 1.0 / math.sqrt(c1 // groups * k * k)
+        self.weight = nnx.Param(random_uniform(rngs, (k, k, c1 // groups, c2), bound))
         self.bias = nnx.Param(random_uniform(rngs, (c2,), bound)) if bias else None
         self.stride = s
+        self.groups = groups
         self.dtype = dtype
 
     def __call__(self, x):
         w = self.weight[...]
         if self.dtype is not None:
             x, w = x.astype(self.dtype), w.astype(self.dtype)
-        y = conv2d(x, w, self.stride)
+        y = conv2d(x, w, self.stride, self.groups)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
@@ -149,8 +156,8 @@ class Conv(nnx.Module):
 
     TORCH_ORDER = ('conv', 'bn')
 
-    def __init__(self, c1, c2, k=1, s=1, *, act="silu", fused=False, dtype=None, rngs):
-        self.conv = Conv2d(c1, c2, k, s, bias=fused, dtype=dtype, rngs=rngs)
+    def __init__(self, c1, c2, k=1, s=1, *, act="silu", fused=False, groups=1, dtype=None, rngs):
+        self.conv = Conv2d(c1, c2, k, s, bias=fused, groups=groups, dtype=dtype, rngs=rngs)
         self.bn = None if fused else BatchNorm2d(c2)
         self.act = act
         activation(act)  # fail early on an unknown name

@@ -17,8 +17,10 @@ process) with DEVICES fake CPU devices here, and runs MODE:
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,6 +31,7 @@ POP = 4
 
 def main(argv: list[str]) -> int:
     mode, out, pid, nproc, port, ndev = argv[0], Path(argv[1]), int(argv[2]), int(argv[3]), int(argv[4]), int(argv[5])
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack to the log
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={ndev}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     from jaxyolo import distributed as dist
