@@ -175,20 +175,46 @@ def compiled(fn, *args):
     return _COMPILED[key]
 
 
-def to_host(tree):
-    """The value of every leaf as NumPy, in every process (with several processes an all-gather:
-    every process must call it, in the same order)."""
+def to_host(tree, row: int | None = None):
+    """The value of every leaf as NumPy, in every process; `row`: only that row of every leaf
+    (e.g. one member of a population). With several processes every process must call it, in the
+    same order: the leaves that span processes are gathered by one compiled program (`compiled`:
+    the processes meet before it runs), not one eager gather per leaf, whose many small
+    collectives could start in different orders in different processes and hang under load."""
     if not multi_process():
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
+        return jax.device_get(tree if row is None else jax.tree.map(lambda x: x[row], tree))
+    leaves, treedef = jax.tree.flatten(tree)
+    spans = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not x.is_fully_addressable]
+    by_mesh: dict = {}
+    for i in spans:
+        mesh = getattr(leaves[i].sharding, "mesh", None)
+        if mesh is None:
+            raise ConfigError(f"to_host: an array sharded by {leaves[i].sharding} (not on a mesh) spans processes")
+        by_mesh.setdefault(mesh, []).append(i)
+    for mesh, idx in by_mesh.items():
+        args = (np.int32(row or 0), *[leaves[i] for i in idx])
+        for i, x in zip(idx, compiled(_replicator(mesh, len(idx), row is not None), *args)(*args)):
+            leaves[i] = x
+    out = [np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x) for x in leaves]
+    if row is not None:
+        out = [x if i in spans else x[row] for i, x in enumerate(out)]
+    return treedef.unflatten(out)
 
-    def get(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(x)
 
-    barrier("to_host")  # meet before the gathers' collectives
-    return jax.tree.map(get, tree)
+_REPLICATORS: dict = {}
+
+
+def _replicator(mesh, n: int, take_row: bool):
+    """A jitted function (row, *arrays) -> the arrays (or that row of each), replicated on `mesh`."""
+    key = (mesh, n, take_row)
+    if key not in _REPLICATORS:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        rep = NamedSharding(mesh, PartitionSpec())
+        _REPLICATORS[key] = jax.jit(lambda i, *xs: tuple(jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
+                                                         if take_row else x for x in xs),
+                                    out_shardings=tuple(rep for _ in range(n)))
+    return _REPLICATORS[key]
 
 
 def check_mesh_covers_processes(mesh) -> None:

@@ -372,8 +372,7 @@ def initial_population(options: TrainOptions, det, pop: int, init_one=None) -> T
 def _member(state, m: int):
     """Member m of the population's state: device-side slices (fresh buffers that the next step's
     donation cannot touch); with several processes, its value in every process."""
-    one = T.member(state, m)
-    return dist.to_host(one) if dist.multi_process() else one
+    return dist.to_host(state, row=m) if dist.multi_process() else T.member(state, m)
 
 
 def _teacher(options: TrainOptions):

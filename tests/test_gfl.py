@@ -162,3 +162,58 @@ def test_the_loss_reports_each_term_per_level_and_is_finite_with_no_boxes():
     grads = jax.grad(lambda r: det.family.loss(r, boxes, classes, jnp.zeros((2, 2), bool), hyp, spec=det.spec,
                                                img_size=64, gain_rule="per-class")[0])(raw)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+
+
+def test_onnx_export_of_a_gfl_detector_matches_it(tmp_path):
+    """Depthwise convolutions, the PAN's resampling, the quality branch's top-k and the decode all
+    convert; the exported file's decoded boxes and in-graph NMS agree with the detector's."""
+    from jaxyolo.export.onnx_export import read_metadata
+
+    det = jaxyolo.create_model(TINY, num_classes=3, seed=0, dgqp=True)
+    report = det.export_onnx(tmp_path / "gfl.onnx", img_size=64, nms=True, dynamic_batch=True, conf_thres=0.001)
+    assert report["checked"] and report["max_abs_diff"]["decoded"]["normalised"] <= report["tolerance"]
+    assert report["max_abs_diff"]["nms"]["mismatch"] == [] and report["max_abs_diff"]["nms"]["detections"] > 0
+    meta = read_metadata(tmp_path / "gfl.onnx")
+    assert (meta["family"], meta["layout"], int(meta["gfl"]), int(meta["reg_max"])) == ("gfl", "xyxy-scores", 2, 7)
+
+
+def test_a_gfl_population_vmapped_equals_separate_runs_and_eight_devices_equal_one(tmp_path):
+    """Two members (different optimiser and loss keys, GFLv2 head) trained in one vmapped step equal
+    the same two trained one by one; on a (pop 2, data 4) mesh of 8 fake devices, the same again."""
+    from helpers import gfl_case as case
+    from helpers.train_case import batch
+    from helpers.train_runs import run_on_eight_devices
+    from test_train_step import _flat, assert_same_training
+
+    from jaxyolo import hyp as H
+    from jaxyolo import train_step as T
+
+    det, cfg = case.setup()
+    step = jax.jit(T.make_train_step(det, cfg))
+    separate = []
+    for m, hp in enumerate(case.hyps()):
+        st = T.init_state(det)
+        for s in range(3):
+            st, _ = step(st, batch(s), H.as_arrays(hp), jax.random.split(jax.random.key(s), 2)[m])
+        separate.append(st)
+    params, loss = case.run_mesh(1, 1)
+    init = _flat(T.init_state(det).params)
+    for m in range(2):
+        assert_same_training(_flat(params, m), _flat(separate[m].params), init)
+    assert np.linalg.norm(_flat(params, 0) - _flat(params, 1)) > 0.1 * np.linalg.norm(_flat(params, 1) - init)
+    eight = run_on_eight_devices("gfl_case", tmp_path / "eight.npz", 2, 4)
+    np.testing.assert_allclose(eight["loss"], loss, rtol=1e-4)
+    # how far a mere reordering of the BatchNorm sums moves this case (as the batch split over 4
+    # devices reorders them): every BatchNorm on its 4-D view
+    from jaxyolo.models import norm
+
+    old, norm.NARROW_C = norm.NARROW_C, 0
+    try:
+        reordered, _ = case.run_mesh(1, 1)
+    finally:
+        norm.NARROW_C = old
+    leaves = jax.tree.leaves(params)
+    for m in range(2):
+        got = np.concatenate([np.ravel(eight[f"p{i}"][m]) for i in range(len(leaves))])
+        noise = np.linalg.norm(_flat(reordered, m) - _flat(params, m))
+        assert_same_training(got, _flat(params, m), init, rounding=noise)

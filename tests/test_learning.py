@@ -7,6 +7,8 @@ rise far above what the same network scores before training.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -53,6 +55,9 @@ def class_hits(res, ds) -> tuple[int, int]:
     return right, total
 
 
+GFL_TINY = str(Path(__file__).parent / "helpers" / "gfl_tiny.yaml")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("learn") / "run"
@@ -78,4 +83,23 @@ def test_default_recipe_learns_classes_and_boxes(trained):
     print(f"class accuracy {right}/{total} (p {p:.2g}), AP50 {ap_before:.4f} -> {ap_after:.4f}")
     assert p < 1e-6 and right / total > 0.6, (right, total, p)
     # boxes: AP50 far above the untrained network's
+    assert ap_after > max(10 * ap_before, ap_before + 0.25), (ap_before, ap_after)
+
+
+def test_the_gfl_family_learns_classes_and_boxes(tmp_path):
+    """The anchor-free family with its defaults (ATSS, QFL, DFL, GIoU) on the same set and budget."""
+    opts = TrainOptions(model=ModelSettings(GFL_TINY), data=DataSettings(DATA, img_size=IMG, batch_size=BATCH),
+                        optim=OptimSettings(epochs=EPOCHS, nominal_batch=BATCH),
+                        eval=EvalSettings(every=EPOCHS, plots=False),
+                        checkpoint=CheckpointSettings(save_weights=False), out=str(tmp_path / "run"))
+    run = fit(opts)
+    untrained = jaxyolo.create_model(GFL_TINY, num_classes=CLASSES, seed=0)
+    ds = open_dataset(DATA, "val")
+    before, after = validate(untrained, ds, img_size=IMG), validate(run.detectors[0], ds, img_size=IMG)
+    right, total = class_hits(after, ds)
+    assert total >= 20, f"only {total} held-out objects found at IoU 0.5"
+    p = stats.binomtest(right, total, 1 / CLASSES, alternative="greater").pvalue
+    ap_before, ap_after = before["coco"]["AP50"], after["coco"]["AP50"]
+    print(f"gfl: class accuracy {right}/{total} (p {p:.2g}), AP50 {ap_before:.4f} -> {ap_after:.4f}")
+    assert p < 1e-6 and right / total > 0.6, (right, total, p)
     assert ap_after > max(10 * ap_before, ap_before + 0.25), (ap_before, ap_after)

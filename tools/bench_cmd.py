@@ -53,7 +53,7 @@ def add_parser(subparsers):
     learn.add_argument("--val-images", type=int, help="generated held-out images (default 200)")
     learn.add_argument("--epochs", type=int, help="training epochs of every system (default 30)")
     learn.add_argument("--hyp", help="jaxyolo's hyp (default: the bundled default)")
-    learn.add_argument("--head", choices=("detect", "implicit"), help="jaxyolo's head (default detect)")
+    learn.add_argument("--head", choices=("detect", "implicit"), help="jaxyolo's head, for a YOLOv4 model (default detect)")
     learn.add_argument("--out", help="run folder of the learn suite (default runs/bench/learn)")
     p.set_defaults(func=run)
     return p

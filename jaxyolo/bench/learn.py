@@ -69,7 +69,11 @@ def _jaxyolo(data: Path, gt: Path, out: Path, *, model, head, hyp, epochs, img, 
     from jaxyolo.validate import validate
 
     shutil.rmtree(out, ignore_errors=True)
-    opts = TrainOptions(model=ModelSettings(model, options={"head": head}), hyp=hyp, out=str(out), seed=seed,
+    from jaxyolo import families
+
+    yolo = families.of_model(model).name == "yolov4"  # the head choice is a YOLOv4 model option
+    opts = TrainOptions(model=ModelSettings(model, options={"head": head} if yolo else {}), hyp=hyp, out=str(out),
+                        seed=seed,
                         data=DataSettings(str(data), img_size=img, batch_size=batch),
                         optim=OptimSettings(epochs=epochs), eval=EvalSettings(plots=False))
 
@@ -87,7 +91,7 @@ def _jaxyolo(data: Path, gt: Path, out: Path, *, model, head, hyp, epochs, img, 
                      keep_detections=True)
     curve = [{"epoch": r["epoch"], "time_s": r["time_s"], "AP": round(r["metrics/AP"], 4),
               "AP50": round(r["metrics/AP50"], 4)} for r in res.history]
-    return {"system": "jaxyolo", "model": f"{model} ({head})", "params": det.num_params(),
+    return {"system": "jaxyolo", "model": f"{model} ({head})" if yolo else model, "params": det.num_params(),
             "gflops": round(det.gflops(img), 3), **_score(gt, final["detections"]), "wall_s": round(wall, 1),
             "epoch_s": _epoch_s([r["time_s"] for r in res.history]), "curve": curve}
 

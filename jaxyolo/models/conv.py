@@ -141,6 +141,52 @@ def conv2d(x, w, stride: int = 1, groups: int = 1):
     return _conv_cpu_grad(x, w, stride)
 
 
+def shifted_depthwise(x, w, stride: int):
+    """A depthwise convolution (w (k, k, 1, C)) as a sum of k² shifted, strided views of the padded
+    input, each times its tap: elementwise work that XLA's CPU backend fuses into a few passes, and
+    whose transposes (for the gradients) are pads and strided slices of the same kind."""
+    k, c = w.shape[0], x.shape[-1]
+    p = k // 2
+    n, h, wd, _ = x.shape
+    ho, wo = (h + 2 * p - k) // stride + 1, (wd + 2 * p - k) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    out = None
+    for i in range(k):
+        for j in range(k):
+            view = lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
+                             (1, stride, stride, 1))
+            term = view * w[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_cpu_grad(x, w, stride: int):
+    return _conv(x, w, stride, x.shape[-1])
+
+
+def _dw_fwd(x, w, stride):
+    return _conv(x, w, stride, x.shape[-1]), (x, w)
+
+
+def _dw_bwd(stride, res, dy):
+    x, w = res
+    dx = _transpose(lambda v: shifted_depthwise(v, w, stride), x, dy)
+    dw = _transpose(lambda v: shifted_depthwise(x, v, stride), w, dy)
+    return dx, dw
+
+
+_depthwise_cpu_grad.defvjp(_dw_fwd, _dw_bwd)
+
+
 def grouped_conv2d(x, w, stride: int, groups: int):
-    """A grouped convolution (w (k, k, C / groups, C_out)); a depthwise one when groups = C."""
-    return _conv(x, w, stride, groups)
+    """A grouped convolution (w (k, k, C / groups, C_out)). A depthwise one (groups = C = C_out)
+    takes its gradients on the CPU through `shifted_depthwise`: XLA's CPU gradients of a grouped
+    convolution measured several times slower (docs/benchmarks.md)."""
+    mode = _mode["grad"]
+    if mode == "auto":
+        mode = "cpu" if jax.default_backend() == "cpu" else "xla"
+    depthwise = groups == x.shape[-1] == w.shape[-1] and w.shape[2] == 1
+    if mode == "xla" or not depthwise:
+        return _conv(x, w, stride, groups)
+    return _depthwise_cpu_grad(x, w, stride)
