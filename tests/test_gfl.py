@@ -217,3 +217,27 @@ def test_a_gfl_population_vmapped_equals_separate_runs_and_eight_devices_equal_o
         got = np.concatenate([np.ravel(eight[f"p{i}"][m]) for i in range(len(leaves))])
         noise = np.linalg.norm(_flat(reordered, m) - _flat(params, m))
         assert_same_training(got, _flat(params, m), init, rounding=noise)
+
+
+@pytest.mark.parametrize("k,stride", [(3, 1), (3, 2), (5, 1), (5, 2)])
+def test_depthwise_convolution_and_its_cpu_gradient(k, stride):
+    """A depthwise convolution equals one convolution per channel; the CPU gradient (through
+    shifted views) equals autodiff's of the plain grouped convolution."""
+    from jaxyolo.models import conv
+
+    x = jax.random.normal(jax.random.key(0), (2, 9, 10, 3))
+    w = jax.random.normal(jax.random.key(1), (k, k, 1, 3))
+    y = conv.conv2d(x, w, stride, groups=3)
+    per_channel = jnp.concatenate([conv.conv2d(x[..., c:c + 1], w[..., c:c + 1], stride) for c in range(3)], -1)
+    np.testing.assert_allclose(y, per_channel, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(conv.shifted_depthwise(x, w, stride), y, rtol=1e-5, atol=1e-5)
+
+    def loss(x, w):
+        return jnp.sum(jnp.sin(conv.conv2d(x, w, stride, groups=3)))
+
+    with conv.grad_mode("cpu"):
+        got = jax.grad(loss, argnums=(0, 1))(x, w)
+    with conv.grad_mode("xla"):
+        want = jax.grad(loss, argnums=(0, 1))(x, w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)

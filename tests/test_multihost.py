@@ -20,10 +20,6 @@ import pytest
 
 HELPERS = str(Path(__file__).resolve().parent)
 TIMEOUT_S = 420
-# the multi-process training runs (several minutes, and hung under the full suite's load on 2
-# cores): run with JAXYOLO_MULTIHOST_TESTS=1
-training_runs = pytest.mark.skipif(os.environ.get("JAXYOLO_MULTIHOST_TESTS") != "1",
-                                   reason="multi-process training runs: set JAXYOLO_MULTIHOST_TESTS=1")
 
 
 def _free_port() -> int:
@@ -76,7 +72,6 @@ def runs(tmp_path_factory):
     return root
 
 
-@training_runs
 def test_two_processes_train_the_population_as_one_process_does(runs):
     """A population of 4 spread over both processes (each holds 2 members) ends where one
     process with the same 8 devices ends, to the last digits a reduction's order moves; both
@@ -92,7 +87,6 @@ def test_two_processes_train_the_population_as_one_process_does(runs):
     assert len(a) == len(b) == 1 + 2 * 4  # a header, then 2 epochs x 4 members
 
 
-@training_runs
 def test_only_process_zero_writes_the_results(runs):
     p0 = json.loads((runs / "two" / "writes.p0.json").read_text())
     p1 = json.loads((runs / "two" / "writes.p1.json").read_text())
@@ -105,7 +99,6 @@ def test_only_process_zero_writes_the_results(runs):
         assert (runs / "two" / "run" / "weights" / f"member{m}" / "last").is_dir()
 
 
-@training_runs
 def test_a_distillation_step_over_two_processes_equals_one_process(tmp_path, runs_root):
     from helpers.train_runs import distill_on_eight_devices
 
@@ -130,7 +123,6 @@ def test_validation_is_split_over_the_processes_and_gathered(tmp_path):
     assert two[0]["AP50"] == pytest.approx(one["AP50"], abs=1e-6)
 
 
-@training_runs
 def test_a_dead_process_stops_the_other_and_both_resume_exactly(runs, tmp_path):
     """Process 1 killed mid-run: process 0 exits by itself, with the runtime's message, well
     within the time limit (a pause after each step keeps the run going until the kill). Both
