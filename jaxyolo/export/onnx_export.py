@@ -253,7 +253,10 @@ def _convert(module, family, spec, hw, *, batch, half: bool, opset: int, output_
             x = x.astype(jnp.float16)
         return family.export_tensor(module(x), spec)  # the decodes compute in float32
 
-    with quiet_logger("onnx_ir", logging.ERROR):
+    from jaxyolo.models.conv import grad_mode
+
+    # the plain convolutions (one Conv node per layer), not the CPU forms training uses
+    with quiet_logger("onnx_ir", logging.ERROR), grad_mode("xla"):
         return to_onnx(forward, [(batch, 3, h, w)], opset=opset, model_name=spec.name,
                        input_names=[INPUT_NAME], output_names=[output_name])
 

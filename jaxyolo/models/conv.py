@@ -15,8 +15,10 @@ autodiff's gradients of two kinds of convolution are slow, so their backward pas
 
 Stride-1 convolutions with larger kernels keep autodiff, which XLA runs well, and so does every
 convolution on other backends (cuDNN and TPU convolutions have fast gradients). Each gradient is
-taken without recomputing the forward (`jax.linear_transpose`). `grad_mode("xla")` traces
-autodiff's form everywhere, so the benchmark can compare the two and a test can check that both
+taken without recomputing the forward (`jax.linear_transpose`). Depthwise convolutions (groups =
+channels) are computed on the CPU as sums of shifted views (`shifted_depthwise`), forward and
+backward. `grad_mode("xla")` traces the plain convolutions and autodiff's form everywhere (ONNX
+export uses it), so the benchmark can compare the two and a test can check that both
 give the same gradients. (`jaxyolo bench --suite train` measures the step; docs/benchmarks.md
 has the per-change figures.)
 """
@@ -160,33 +162,16 @@ def shifted_depthwise(x, w, stride: int):
     return out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _depthwise_cpu_grad(x, w, stride: int):
-    return _conv(x, w, stride, x.shape[-1])
-
-
-def _dw_fwd(x, w, stride):
-    return _conv(x, w, stride, x.shape[-1]), (x, w)
-
-
-def _dw_bwd(stride, res, dy):
-    x, w = res
-    dx = _transpose(lambda v: shifted_depthwise(v, w, stride), x, dy)
-    dw = _transpose(lambda v: shifted_depthwise(x, v, stride), w, dy)
-    return dx, dw
-
-
-_depthwise_cpu_grad.defvjp(_dw_fwd, _dw_bwd)
-
-
 def grouped_conv2d(x, w, stride: int, groups: int):
-    """A grouped convolution (w (k, k, C / groups, C_out)). A depthwise one (groups = C = C_out)
-    takes its gradients on the CPU through `shifted_depthwise`: XLA's CPU gradients of a grouped
-    convolution measured several times slower (docs/benchmarks.md)."""
+    """A grouped convolution (w (k, k, C / groups, C_out)). On the CPU a depthwise one (groups = C
+    = C_out) is computed as `shifted_depthwise`, forward and gradients: XLA's CPU grouped
+    convolution measured 3-15× slower forward and 3-6× slower with its gradients (32 images,
+    16²-64² pixels, 48-480 channels; docs/benchmarks.md). `grad_mode("xla")` keeps the plain
+    convolution (an exported graph holds one Conv per layer)."""
     mode = _mode["grad"]
     if mode == "auto":
         mode = "cpu" if jax.default_backend() == "cpu" else "xla"
     depthwise = groups == x.shape[-1] == w.shape[-1] and w.shape[2] == 1
     if mode == "xla" or not depthwise:
         return _conv(x, w, stride, groups)
-    return _depthwise_cpu_grad(x, w, stride)
+    return shifted_depthwise(x, w, stride)
