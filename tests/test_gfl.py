@@ -39,6 +39,14 @@ def test_the_built_backbone_holds_the_classifiers_parameters_but_its_head():
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     head = 320 * 1280 + 2 * 1280 + 1280 * 1000 + 1000  # 1x1 conv + BN to 1280, then the classifier
     assert n == effnet.classifier_params(spec) - head
+    fused = effnet.resolve({"width": 0.5, "stages": [[1, 3, 1, 16, 1, 1], [6, 3, 2, 24, 2, 1], [6, 5, 2, 40, 1]],
+                            "out_stages": [1, 2]})
+    model = effnet.EfficientNetLite(fused, act="relu6", rngs=nnx.Rngs(0))
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert n == effnet.classifier_params(fused) - (24 * 1280 + 2 * 1280 + 1280 * 1000 + 1000)
+    # fused stages hold plain convolutions, the others depthwise ones
+    assert model.stages[0][0].dw.conv.groups == model.stages[1][0].dw.conv.groups == 1
+    assert model.stages[2][0].dw.conv.groups == model.stages[2][0].dw.conv.weight.shape[-1] > 1
     # Lite keeps the stem at 32 channels and the first and last stages at one block at every size
     big = effnet.resolve({"variant": "lite4"})
     assert big.stem == 32 and big.stages[0].repeats == 1 and big.stages[-1].repeats == 1
@@ -177,13 +185,17 @@ def test_onnx_export_of_a_gfl_detector_matches_it(tmp_path):
     assert (meta["family"], meta["layout"], int(meta["gfl"]), int(meta["reg_max"])) == ("gfl", "xyxy-scores", 2, 7)
 
 
+def _flat(tree, member=None):
+    return np.concatenate([np.ravel(x if member is None else x[member]) for x in jax.tree.leaves(tree)])
+
+
 def test_a_gfl_population_vmapped_equals_separate_runs_and_eight_devices_equal_one(tmp_path):
     """Two members (different optimiser and loss keys, GFLv2 head) trained in one vmapped step equal
     the same two trained one by one; on a (pop 2, data 4) mesh of 8 fake devices, the same again."""
     from helpers import gfl_case as case
     from helpers.train_case import batch
     from helpers.train_runs import run_on_eight_devices
-    from test_train_step import _flat, assert_same_training
+    from test_train_step import assert_same_training
 
     from jaxyolo import hyp as H
     from jaxyolo import train_step as T

@@ -5,7 +5,9 @@ squeeze-excite, ReLU6 instead of swish, and the stem (32 channels) and head (128
 fixed while the width and depth multipliers scale the rest; the first and last stages keep their
 repeat counts. The stages are MBConv blocks: a 1×1 expansion (ratio e), a k×k depthwise
 convolution (stride s), a 1×1 projection without activation, and a residual when the shape is
-unchanged.
+unchanged. A stage may instead be *fused* (EfficientNetV2's Fused-MBConv): one k×k convolution
+does the expansion and the stride, then the 1×1 projection; depthwise convolutions at high
+resolution are slow on CPUs (docs/gfl.md), and the CPU-sized `gfl-n` fuses its first stages.
 
 A table (the `backbone:` mapping of a gfl model table) gives the stage rows and the multipliers;
 `BASE_STAGES` and `LITE` hold the published ones. `classifier_params` counts the parameters of
@@ -45,6 +47,7 @@ class StageSpec:
     stride: int
     c_out: int
     repeats: int
+    fused: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +72,8 @@ class BackboneSpec:
 def resolve(table: dict, where: str = "backbone") -> BackboneSpec:
     """A `backbone:` mapping -> BackboneSpec. Keys: `variant` (lite0..lite4: the published width and
     depth) or `width`/`depth`; optional `stages` (rows of [expand, kernel, stride, channels,
-    repeats] at width and depth 1), `stem` (default 32, fixed as in Lite; `scale_stem: true` scales
-    it with the width), `fix_first_last` (default true: the first and last stages keep their
+    repeats] at width and depth 1, and optionally a sixth entry, 1 for a fused stage), `stem`
+    (default 32, fixed as in Lite; `scale_stem: true` scales it with the width), `fix_first_last` (default true: the first and last stages keep their
     repeats) and `out_stages` (default [2, 4, 6]: strides 8, 16, 32)."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a mapping, got {table!r}")
@@ -92,38 +95,53 @@ def resolve(table: dict, where: str = "backbone") -> BackboneSpec:
         raise ConfigError(f"{where}: width and depth must be in (0, 4], got {width}, {depth}")
     rows = table.get("stages", BASE_STAGES)
     try:
-        rows = [tuple(int(v) for v in r) for r in rows]
-        assert all(len(r) == 5 and r[0] >= 1 and r[1] % 2 == 1 and r[2] in (1, 2) and r[3] > 0 and r[4] >= 1
-                   for r in rows)
+        rows = [tuple(int(v) for v in r) + (0,) * (6 - len(r)) for r in rows]
+        assert all(len(r) == 6 and r[0] >= 1 and r[1] % 2 == 1 and r[2] in (1, 2) and r[3] > 0 and r[4] >= 1
+                   and r[5] in (0, 1) for r in rows)
     except (TypeError, ValueError, AssertionError):
         raise ConfigError(f"{where}.stages: expected rows [expand >= 1, odd kernel, stride 1|2, channels, "
-                          f"repeats >= 1], got {table.get('stages')!r}") from None
+                          f"repeats >= 1, optional fused 0|1], got {table.get('stages')!r}") from None
     fix = bool(table.get("fix_first_last", True))
     stages = tuple(StageSpec(e, k, s, round_channels(c * width),
-                             n if fix and i in (0, len(rows) - 1) else int(math.ceil(n * depth)))
-                   for i, (e, k, s, c, n) in enumerate(rows))
+                             n if fix and i in (0, len(rows) - 1) else int(math.ceil(n * depth)), bool(f))
+                   for i, (e, k, s, c, n, f) in enumerate(rows))
     stem = int(table.get("stem", STEM))
     if table.get("scale_stem", False):
         stem = round_channels(stem * width)
-    out = tuple(int(i) for i in table.get("out_stages", (2, 4, 6)))
+    try:
+        out = tuple(int(i) for i in table.get("out_stages", (2, 4, 6)))
+    except (TypeError, ValueError):
+        out = ()
     if not out or any(not 0 <= i < len(stages) for i in out) or list(out) != sorted(set(out)):
-        raise ConfigError(f"{where}.out_stages: expected increasing stage indices in 0..{len(stages) - 1}, got {out}")
+        raise ConfigError(f"{where}.out_stages: expected increasing stage indices in 0..{len(stages) - 1}, "
+                          f"got {table.get('out_stages')!r}")
     return BackboneSpec(stem, stages, out)
 
 
 class MBConv(nnx.Module):
-    """Inverted residual without squeeze-excite: [1×1 expand] -> k×k depthwise -> 1×1 project."""
+    """Inverted residual without squeeze-excite: [1×1 expand] -> k×k depthwise -> 1×1 project.
+    Fused: k×k convolution (expand and stride) -> 1×1 project; with expand 1 the k×k convolution
+    alone (to c2, with its activation)."""
 
-    def __init__(self, c1: int, c2: int, expand: int, k: int, s: int, *, act: str, dtype=None, rngs: nnx.Rngs):
+    def __init__(self, c1: int, c2: int, expand: int, k: int, s: int, *, act: str, fused: bool = False, dtype=None,
+                 rngs: nnx.Rngs):
         hidden = c1 * expand
-        self.expand = L.Conv(c1, hidden, 1, 1, act=act, dtype=dtype, rngs=rngs) if expand != 1 else None
-        self.dw = L.Conv(hidden, hidden, k, s, groups=hidden, act=act, dtype=dtype, rngs=rngs)
-        self.project = L.Conv(hidden, c2, 1, 1, act="linear", dtype=dtype, rngs=rngs)
+        kw = dict(dtype=dtype, rngs=rngs)
+        if fused:
+            self.expand = None
+            self.dw = L.Conv(c1, hidden if expand != 1 else c2, k, s, act=act, **kw)
+            self.project = L.Conv(hidden, c2, 1, 1, act="linear", **kw) if expand != 1 else None
+        else:
+            self.expand = L.Conv(c1, hidden, 1, 1, act=act, **kw) if expand != 1 else None
+            self.dw = L.Conv(hidden, hidden, k, s, groups=hidden, act=act, **kw)
+            self.project = L.Conv(hidden, c2, 1, 1, act="linear", **kw)
         self.residual = s == 1 and c1 == c2
 
     def __call__(self, x, *, train=False):
         y = x if self.expand is None else self.expand(x, train=train)
-        y = self.project(self.dw(y, train=train), train=train)
+        y = self.dw(y, train=train)
+        if self.project is not None:
+            y = self.project(y, train=train)
         return x + y if self.residual else y
 
 
@@ -138,7 +156,7 @@ class EfficientNetLite(nnx.Module):
             stage = []
             for j in range(st.repeats):
                 stage.append(MBConv(c, st.c_out, st.expand, st.kernel, st.stride if j == 0 else 1, act=act,
-                                    dtype=dtype, rngs=rngs))
+                                    fused=st.fused, dtype=dtype, rngs=rngs))
                 c = st.c_out
             blocks.append(nnx.List(stage))
         self.stages = nnx.List(blocks)
@@ -165,6 +183,10 @@ def classifier_params(spec: BackboneSpec, classes: int = 1000) -> int:
     for st in spec.stages:
         for _ in range(st.repeats):
             h = c * st.expand
-            n += (conv_bn(c, h, 1) if st.expand != 1 else 0) + conv_bn(h, h, st.kernel, h) + conv_bn(h, st.c_out, 1)
+            if st.fused:
+                n += conv_bn(c, st.c_out, st.kernel) if st.expand == 1 else \
+                    conv_bn(c, h, st.kernel) + conv_bn(h, st.c_out, 1)
+            else:
+                n += (conv_bn(c, h, 1) if st.expand != 1 else 0) + conv_bn(h, h, st.kernel, h) + conv_bn(h, st.c_out, 1)
             c = st.c_out
     return n + conv_bn(c, HEAD, 1) + HEAD * classes + classes
