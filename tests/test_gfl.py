@@ -253,3 +253,24 @@ def test_depthwise_convolution_and_its_cpu_gradient(k, stride):
         want = jax.grad(loss, argnums=(0, 1))(x, w)
     for g, r in zip(got, want):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_a_saved_gfl_detector_loads_with_its_options_and_outputs(tmp_path):
+    det = jaxyolo.create_model(TINY, num_classes=3, seed=0, dgqp=True, act="silu")
+    det.save(tmp_path / "ck")
+    back = jaxyolo.load(tmp_path / "ck")
+    assert back.family.name == "gfl" and back.options == det.options and back.spec == det.spec
+    x = jax.random.uniform(jax.random.key(2), (1, 64, 64, 3))
+    for a, b in zip(det.model(x), back.model(x)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_gfl_tables_and_options_are_named(tmp_path):
+    table = tmp_path / "bad.yaml"
+    table.write_text("family: gfl\nnc: 3\nhead: {widht: 8}\n")
+    with pytest.raises(ConfigError, match="bad.*head"):
+        jaxyolo.create_model(str(table))
+    with pytest.raises(ConfigError, match="act"):
+        jaxyolo.create_model(TINY, act="gelu")
+    with pytest.raises(ConfigError, match="kst"):
+        jaxyolo.create_model(TINY, kst=3)
