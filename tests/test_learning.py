@@ -70,20 +70,23 @@ def trained(tmp_path_factory):
     return fit(opts), untrained
 
 
-def test_default_recipe_learns_classes_and_boxes(trained):
-    run, untrained = trained
+def assert_learned(untrained, trained, label: str) -> None:
+    """Held-out classes far above chance (1/3, a one-sided binomial test) and AP50 far above the
+    untrained network's."""
     ds = open_dataset(DATA, "val")
-    before = validate(untrained, ds, img_size=IMG)
-    after = validate(run.detectors[0], ds, img_size=IMG)
+    before, after = validate(untrained, ds, img_size=IMG), validate(trained, ds, img_size=IMG)
     right, total = class_hits(after, ds)
     assert total >= 20, f"only {total} held-out objects found at IoU 0.5"
-    # classes: far above chance (1/3), by a one-sided binomial test
     p = stats.binomtest(right, total, 1 / CLASSES, alternative="greater").pvalue
     ap_before, ap_after = before["coco"]["AP50"], after["coco"]["AP50"]
-    print(f"class accuracy {right}/{total} (p {p:.2g}), AP50 {ap_before:.4f} -> {ap_after:.4f}")
+    print(f"{label}: class accuracy {right}/{total} (p {p:.2g}), AP50 {ap_before:.4f} -> {ap_after:.4f}")
     assert p < 1e-6 and right / total > 0.6, (right, total, p)
-    # boxes: AP50 far above the untrained network's
     assert ap_after > max(10 * ap_before, ap_before + 0.25), (ap_before, ap_after)
+
+
+def test_default_recipe_learns_classes_and_boxes(trained):
+    run, untrained = trained
+    assert_learned(untrained, run.detectors[0], "yolov4p")
 
 
 def test_the_gfl_family_learns_classes_and_boxes(tmp_path):
@@ -93,13 +96,4 @@ def test_the_gfl_family_learns_classes_and_boxes(tmp_path):
                         eval=EvalSettings(every=EPOCHS, plots=False),
                         checkpoint=CheckpointSettings(save_weights=False), out=str(tmp_path / "run"))
     run = fit(opts)
-    untrained = jaxyolo.create_model(GFL_TINY, num_classes=CLASSES, seed=0)
-    ds = open_dataset(DATA, "val")
-    before, after = validate(untrained, ds, img_size=IMG), validate(run.detectors[0], ds, img_size=IMG)
-    right, total = class_hits(after, ds)
-    assert total >= 20, f"only {total} held-out objects found at IoU 0.5"
-    p = stats.binomtest(right, total, 1 / CLASSES, alternative="greater").pvalue
-    ap_before, ap_after = before["coco"]["AP50"], after["coco"]["AP50"]
-    print(f"gfl: class accuracy {right}/{total} (p {p:.2g}), AP50 {ap_before:.4f} -> {ap_after:.4f}")
-    assert p < 1e-6 and right / total > 0.6, (right, total, p)
-    assert ap_after > max(10 * ap_before, ap_before + 0.25), (ap_before, ap_after)
+    assert_learned(jaxyolo.create_model(GFL_TINY, num_classes=CLASSES, seed=0), run.detectors[0], "gfl")

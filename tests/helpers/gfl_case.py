@@ -7,14 +7,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import jax
-import numpy as np
-
 import jaxyolo
 from jaxyolo import families
 from jaxyolo import hyp as H
 from jaxyolo import train_step as T
-from helpers.train_case import BATCH, IMG, STEPS, batch
+from helpers import train_case
+from helpers.train_case import BATCH, IMG
 
 TABLE = str(Path(__file__).with_name("gfl_tiny.yaml"))
 
@@ -37,17 +35,8 @@ def hyps():
 
 
 def run_mesh(pop: int, data: int):
-    det, cfg = setup()
-    step = T.population_step(T.make_train_step(det, cfg), T.make_mesh(pop, data))
-    states = T.replicate(T.init_state(det), 2)
-    hyp = H.stack(hyps())
-    for s in range(STEPS):
-        keys = jax.random.split(jax.random.key(s), 2)
-        states, metrics = step(states, batch(s), hyp, keys)
-    return jax.tree.map(np.asarray, states.params), np.asarray(metrics["loss"])
+    return train_case.run_mesh(pop, data, case_setup=setup, case_hyps=hyps)
 
 
 if __name__ == "__main__":
-    out, pop, data = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    params, loss = run_mesh(pop, data)
-    np.savez(out, loss=loss, **{f"p{i}": x for i, x in enumerate(jax.tree.leaves(params))})
+    train_case.save_run(sys.argv[1:], case_setup=setup, case_hyps=hyps)

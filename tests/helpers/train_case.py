@@ -54,19 +54,26 @@ def setup():
     return det, cfg
 
 
-def run_mesh(pop: int, data: int):
-    det, cfg = setup()
+def run_mesh(pop: int, data: int, *, case_setup=setup, case_hyps=hyps):
+    """Two members (`case_hyps()`) of the detector `case_setup()` gives, trained STEPS steps on a
+    (pop, data) mesh (default: this case)."""
+    det, cfg = case_setup()
     step = T.population_step(T.make_train_step(det, cfg), T.make_mesh(pop, data))
     states = T.replicate(T.init_state(det), 2)
-    hyp = H.stack(hyps())
+    hyp = H.stack(case_hyps())
     for s in range(STEPS):
         keys = jax.random.split(jax.random.key(s), 2)
         states, metrics = step(states, batch(s), hyp, keys)
     return jax.tree.map(np.asarray, states.params), np.asarray(metrics["loss"])
 
 
+def save_run(argv, **case) -> None:
+    """`OUT POP DATA`: `run_mesh` on that mesh (`case`: its case_setup / case_hyps), the loss and
+    the parameters saved to OUT (.npz)."""
+    out, pop, data = argv[0], int(argv[1]), int(argv[2])
+    params, loss = run_mesh(pop, data, **case)
+    np.savez(out, loss=loss, **{f"p{i}": x for i, x in enumerate(jax.tree.leaves(params))})
+
+
 if __name__ == "__main__":
-    out, pop, data = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    params, loss = run_mesh(pop, data)
-    leaves = jax.tree.leaves(params)
-    np.savez(out, loss=loss, **{f"p{i}": x for i, x in enumerate(leaves)})
+    save_run(sys.argv[1:])
