@@ -67,14 +67,20 @@ KD_KEYS = ("kd_obj", "kd_cls", "kd_box", "kd_feat")
 
 
 def check_compatible(student, teacher) -> None:
-    """Student and teacher must predict the same tensor: YOLOv4 detectors (the terms below read its
-    objectness and anchor-relative boxes) with the same classes, strides and anchors."""
+    """Student and teacher must be detectors of one family, and that family must be able to distil
+    between them (`Family.check_distill`: YOLOv4 needs the same classes, strides and anchors, the
+    gfl family the same classes, strides and reg_max)."""
+    if student.family.name != teacher.family.name:
+        raise ConfigError(f"teacher {teacher.spec.name}: a {teacher.family.name} detector cannot teach the "
+                          f"{student.family.name} student {student.spec.name} (their outputs differ; the "
+                          f"distillation terms compare them one to one)")
+    student.family.check_distill(student, teacher)
+
+
+def check_yolo_pair(student, teacher) -> None:
+    """The YOLOv4 terms read objectness and anchor-relative boxes: same classes, strides, anchors."""
     s, t = student.spec, teacher.spec
     where = f"teacher {t.name}"
-    for who, det in (("student", student), ("teacher", teacher)):
-        if det.family.name != "yolov4":
-            raise ConfigError(f"{who} {det.spec.name}: distillation's terms are written for YOLOv4 outputs "
-                              f"(objectness, anchors); a {det.family.name} detector cannot take part")
     if s.nc != t.nc:
         raise ConfigError(f"{where}: {t.nc} classes, the student {s.name} has {s.nc} (they must be equal)")
     if tuple(s.strides) != tuple(t.strides):
@@ -142,8 +148,8 @@ def init_adapters(student, teacher, seed: int = 0) -> dict:
     """1×1 adapter convs student → teacher channels per level ({'P3': {'kernel', 'bias'}, ...}),
     initialised like PyTorch's Conv2d: U(±1/√C_student) for kernel and bias."""
     check_compatible(student, teacher)
-    cs = [student.spec.layers[j].c_out for j in student.spec.head.inputs]
-    ct = [teacher.spec.layers[j].c_out for j in teacher.spec.head.inputs]
+    cs = student.family.feature_channels(student.spec)
+    ct = teacher.family.feature_channels(teacher.spec)
     rng = np.random.default_rng([seed, 7331])
     out = {}
     for name, a, b in zip(student.family.level_names(student.spec), cs, ct):
@@ -272,8 +278,9 @@ def make_distill_step(student, teacher, config: T.TrainConfig, *, augment_fn: Ca
         else:
             raw, feats = model(images, train=True, key=key), None
         total, terms = core.detection_loss(raw, boxes, classes, mask, hyp)
-        kd_total, kd_terms = distill_loss(raw, t_raw, hyp, features=feats, teacher_features=t_feats,
-                                          adapters=aux_params, feature_mask=feature_mask)
+        kd_total, kd_terms = core.family.distill_loss(raw, t_raw, boxes, classes, mask, hyp, spec=core.spec,
+                                                      features=feats, teacher_features=t_feats,
+                                                      adapters=aux_params, feature_mask=feature_mask)
         return total + kd_total, (terms, kd_terms, nnx.state(model, nnx.BatchStat))
 
     def distill_step(state: T.TrainState, teacher_params, batch, hyp, key):
@@ -301,11 +308,12 @@ def make_distill_step(student, teacher, config: T.TrainConfig, *, augment_fn: Ca
     return distill_step
 
 
-def kd_weights_zero(hyps: Sequence[dict]) -> bool:
-    """True when every hyp set has all distillation weights 0 (distillation would do nothing)."""
-    return all(float(np.sum(np.abs(np.asarray(h[k], np.float64)))) == 0.0 for h in hyps for k in KD_KEYS)
+def kd_weights_zero(hyps: Sequence[dict], keys: Sequence[str] = KD_KEYS) -> bool:
+    """True when every hyp set has all distillation weights `keys` (a family's `kd_keys`) 0:
+    distillation would do nothing."""
+    return all(float(np.sum(np.abs(np.asarray(h[k], np.float64)))) == 0.0 for h in hyps for k in keys)
 
 
-__all__ = ["KD_TERMS", "KD_KEYS", "check_compatible", "teacher_params", "teacher_forward_fn",
+__all__ = ["KD_TERMS", "KD_KEYS", "check_compatible", "check_yolo_pair", "teacher_params", "teacher_forward_fn",
                       "teacher_outputs", "init_adapters", "init_state", "objectness_kd", "class_kd", "box_kd",
                       "feature_kd", "decoded_box", "distill_loss", "make_distill_step", "kd_weights_zero"]

@@ -68,8 +68,9 @@ def aligned_iou(a, b, giou: bool = False):
     return iou - (hull - union) / hull
 
 
-def atss_assign(pts, strides, sizes: Sequence[int], boxes, mask, *, topk: int, anchor_scale: float):
-    """One image's ATSS assignment: (assigned (N,) bool, box index (N,) int) for N points.
+def atss_regions(pts, strides, sizes: Sequence[int], boxes, mask, *, topk: int, anchor_scale: float):
+    """One image's ATSS candidates: (positive (M, N) bool per box and point, anchor IoUs (M, N),
+    IoU thresholds (M,), anchors (N, 4)) for N points and M boxes.
 
     pts (N, 2), strides (N,), `sizes` the points per level (static); boxes (M, 4) xyxy, mask (M,)."""
     half = (anchor_scale * strides / 2)[:, None]
@@ -86,11 +87,19 @@ def atss_assign(pts, strides, sizes: Sequence[int], boxes, mask, *, topk: int, a
     cand_iou = jnp.take_along_axis(ious, cand, 1)
     k = cand.shape[1]
     mean = cand_iou.mean(1, keepdims=True)
-    std = jnp.sqrt(jnp.sum(jnp.square(cand_iou - mean), 1, keepdims=True) / max(k - 1, 1))
+    thr = mean + jnp.sqrt(jnp.sum(jnp.square(cand_iou - mean), 1, keepdims=True) / max(k - 1, 1))
     p = pts[cand]  # (M, K, 2)
     inside = jnp.min(jnp.concatenate([p - boxes[:, None, :2], boxes[:, None, 2:] - p], -1), -1) > 0.01
-    ok = (cand_iou >= mean + std) & inside & mask[:, None]
+    ok = (cand_iou >= thr) & inside & mask[:, None]
     pos = jnp.zeros(ious.shape, bool).at[jnp.arange(boxes.shape[0])[:, None], cand].set(ok)
+    return pos, ious, thr[:, 0], anchors
+
+
+def atss_assign(pts, strides, sizes: Sequence[int], boxes, mask, *, topk: int, anchor_scale: float):
+    """One image's ATSS assignment: (assigned (N,) bool, box index (N,) int) for N points.
+
+    pts (N, 2), strides (N,), `sizes` the points per level (static); boxes (M, 4) xyxy, mask (M,)."""
+    pos, ious, _, _ = atss_regions(pts, strides, sizes, boxes, mask, topk=topk, anchor_scale=anchor_scale)
     return jnp.any(pos, 0), jnp.argmax(jnp.where(pos, ious, -1.0), 0)
 
 
@@ -100,12 +109,18 @@ def distances(box_logits, bins: int):
     return prob @ jnp.arange(bins, dtype=prob.dtype)
 
 
-def _flat(raw, spec):
+def flat_levels(raw, spec):
     """Raw levels -> (B, N, C) and the static points."""
     b = raw[0].shape[0]
     flat = jnp.concatenate([r.reshape(b, -1, r.shape[-1]).astype(jnp.float32) for r in raw], 1)
     pts, st = points([r.shape[1:3] for r in raw], spec.strides)
     return flat, pts, st
+
+
+def level_sums(per_point, sizes: Sequence[int]):
+    """(N, T) per-point terms -> (levels, T) sums over each level's points."""
+    bounds = np.cumsum([0] + list(sizes))
+    return jnp.stack([per_point[a:b].sum(0) for a, b in zip(bounds[:-1], bounds[1:])])
 
 
 def _boxes(pts, st, dist):
@@ -114,7 +129,7 @@ def _boxes(pts, st, dist):
 
 
 def decode(raw, spec, dgqp: bool) -> Predictions:
-    flat, pts, st = _flat(raw, spec)
+    flat, pts, st = flat_levels(raw, spec)
     nc = spec.nc
     scores = jax.nn.sigmoid(flat[..., :nc])
     if dgqp:
@@ -150,7 +165,7 @@ def gfl_loss(raw, boxes, classes, mask, hyp, *, spec, dgqp: bool):
     """(total, {"local": (levels, 3), "global": (3,)}) of terms (qfl, box, dfl) after their gains
     `gfl_cls`, `gfl_box`, `gfl_dfl`; QFL's β is `qfl_beta`. Targets padded: boxes (B, M, 4) xyxy
     pixels, classes (B, M), mask (B, M)."""
-    flat, pts, st = _flat(raw, spec)
+    flat, pts, st = flat_levels(raw, spec)
     bsz, n, _ = flat.shape
     nc, bins = spec.nc, spec.bins
     sizes = [r.shape[1] * r.shape[2] for r in raw]
@@ -176,7 +191,6 @@ def gfl_loss(raw, boxes, classes, mask, hyp, *, spec, dgqp: bool):
     w_sum = jnp.maximum(jnp.sum(weight), EPS)
     per_point = jnp.stack([qfl / n_pos * hyp["gfl_cls"], lbox / w_sum * hyp["gfl_box"],
                            ldfl / w_sum * hyp["gfl_dfl"]], -1).sum(0)  # (N, 3)
-    bounds = np.cumsum([0] + sizes)
-    local = jnp.stack([per_point[a:b].sum(0) for a, b in zip(bounds[:-1], bounds[1:])])
+    local = level_sums(per_point, sizes)
     glob = local.sum(0)
     return jnp.sum(glob) * bsz, {"local": local, "global": glob}

@@ -83,6 +83,13 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     `hooks`: a training method's step transforms and extras (`jaxyolo.train_step.StepHooks`)."""
     options.check()
     out = Path(options.out)
+    if options.model.sparsity:
+        from jaxyolo import sparsity as S
+
+        hooks = T.compose_hooks(hooks, S.hooks(options.model.sparsity))
+        if not options.model.weights and not options.checkpoint.rewind:
+            log.warning("sparsity %s: masks from freshly initialised weights (the recipe prunes trained ones: "
+                        "give --weights)", options.model.sparsity)
     primary = dist.is_primary()  # with several processes, the one that writes what the run leaves
     emit = progress if progress is not None and primary else (lambda info: None)
     train_ds = open_dataset(options.data.source, options.data.train_split)
@@ -104,9 +111,9 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     det.names = tuple(train_ds.names)
     nl = len(det.spec.strides)
     hyp_list = [H.load_hyp(h, num_levels=nl, family=det.family) for h in (hyps or [options.hyp])]
-    if teacher is not None and D.kd_weights_zero(hyp_list):
-        log.warning("teacher %s: every kd_* weight of the hyp set(s) is 0, so distillation adds nothing "
-                    "(set kd_obj, kd_cls, kd_box or kd_feat in the hyp file)", options.distill.teacher)
+    if teacher is not None and D.kd_weights_zero(hyp_list, det.family.kd_keys):
+        log.warning("teacher %s: every distillation weight of the hyp set(s) is 0, so distillation adds "
+                    "nothing (set %s in the hyp file)", options.distill.teacher, ", ".join(det.family.kd_keys))
     if options.init_seeds is not None and len(options.init_seeds) != len(hyp_list):
         if hyps is not None:
             raise ConfigError(f"init_seeds: {len(options.init_seeds)} seeds for {len(hyp_list)} hyp sets")
@@ -151,6 +158,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     state = initial_population(options, det, pop, init_one)
     if options.checkpoint.rewind and not (resume and store.exists()):
         state = _rewound(options, state, meta, writer)
+    dense = state
     if hooks is not None and hooks.init is not None:
         state = jax.vmap(hooks.init)(state)  # a resumed run's values replace these below
     history: list[EpochRecord] = []
@@ -185,6 +193,10 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
     emit({"event": "start", "iterations": cfg.total_iters, "step": step, "population": pop,
           "train_images": len(train_ds), "val_images": len(val_ds), "batches_per_epoch": nb,
           "anchors": anchor_report})
+    if options.model.sparsity and not (out / "sparsity.json").exists():
+        _sparsity_before(out, options, graphdef, det, dist.place(dense, pop_sharding), state, hyp_arr, val_ds,
+                         recipe["gain_rule"], primary)
+    del dense
     base_key = jax.random.key(options.seed)
     t_start = time.time() - elapsed0  # time_s counts the saved run's time up to its checkpoint
 
@@ -261,7 +273,7 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
             records, lrs = [], dist.to_host(pending["lr"])
             for m in range(pop):
                 rec = _record(epoch, step, time.time() - t_start, sums, count, m, results[m], pop,
-                              float(lrs[m]), timing, terms=terms, levels=levels)
+                              float(lrs[m]), timing, terms=terms, levels=levels, kd_terms=det.family.kd_terms)
                 records.append(rec)
                 if results[m] is not None and options.checkpoint.save_weights:
                     # device-side slices: fresh buffers that the next step's donation cannot touch
@@ -301,11 +313,45 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         dets.append(T.ema_detector(det, T.member(final, m)))
     if options.eval.plots and primary:
         _plots(out)
+    if options.model.sparsity and primary:
+        _sparsity_after(out, options, final, history, pop)
     emit({"event": "end", "out": str(out), "best_fitness": best})
     return RunResult(out=out, records=history, best_fitness=best, detectors=dets)
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def _sparsity_before(out, options, graphdef, det, dense, pruned, hyp_arr, val_ds, gain_rule, primary) -> None:
+    """sparsity.json's first half: held-out metrics of the starting weights, dense and with the
+    masks applied (before any fine-tuning), and the masks' zeros."""
+    from jaxyolo import sparsity as S
+
+    pattern = S.Pattern.parse(options.model.sparsity)
+    report = {"pattern": str(pattern), "masks": S.check(T.member(dist.to_host(pruned.params), 0), pattern)}
+    for name, st in (("dense", dense), ("pruned", pruned)):
+        res = _evaluate(graphdef, det, st, hyp_arr, val_ds, options, gain_rule)
+        report[name] = [{k: float(r["coco"].get(k, float("nan"))) for k in METRICS} for r in res]
+    if primary:
+        atomic_write_text(out / "sparsity.json", json.dumps(report, indent=1))
+        log.info("sparsity %s: AP dense %s, pruned before fine-tuning %s", pattern,
+                 [round(r["AP"], 4) for r in report["dense"]], [round(r["AP"], 4) for r in report["pruned"]])
+
+
+def _sparsity_after(out, options, final, history, pop: int) -> None:
+    """sparsity.json's second half: the last evaluated metrics of each member (after the fine-tune)
+    and the exactness and zeros of its final EMA weights (what is saved and exported)."""
+    from jaxyolo import sparsity as S
+
+    path = out / "sparsity.json"
+    report = json.loads(path.read_text()) if path.exists() else {"pattern": options.model.sparsity}
+    pattern = S.Pattern.parse(report["pattern"])
+    report["fine_tuned"] = [None] * pop
+    for rec in history:
+        if rec.val is not None:  # an evaluated epoch: the last one wins
+            report["fine_tuned"][rec.member or 0] = {k: float(rec.metrics.get(k, float("nan"))) for k in METRICS}
+    report["weights"] = [S.check(T.member(final.ema_params, m), pattern) for m in range(pop)]
+    atomic_write_text(path, json.dumps(report, indent=1))
 
 
 # a population whose hyps all leave these at 0 warps separably (`augment.warp_image_axis_aligned`)
@@ -405,7 +451,7 @@ def _accumulate(sums, count, metrics, options, step, emit):
         log.warning("iteration %d: non-finite loss for member(s) %s; update skipped", step, bad)
     run = np.asarray(m.get("nonfinite_run", 0))
     vals = {"loss": np.asarray(m["loss"]), "local": np.asarray(m["local"]), "global": np.asarray(m["global"])}
-    if "kd" in m:  # distillation terms (obj, cls, box, feat) after weights
+    if "kd" in m:  # distillation terms (the family's kd_terms) after weights
         vals["kd"] = np.asarray(m["kd"])
     if "clip_scale" in m:  # optimiser steps whose gradients were clipped (clip_grad), and their norms
         opt = np.asarray(m["optimizer_step"])
@@ -437,7 +483,8 @@ def _evaluate(graphdef, det, state, hyp_arr, val_ds, options, gain_rule):
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the COCO stats a record keeps
 
 
-def _record(epoch, step, elapsed, sums, count, m, res, pop, lr, timing, *, terms, levels) -> EpochRecord:
+def _record(epoch, step, elapsed, sums, count, m, res, pop, lr, timing, *, terms, levels,
+            kd_terms=()) -> EpochRecord:
     """Member m's record of this epoch: its training sums over `count` finite iterations, and
     `res`, its validation (None when the epoch was not evaluated)."""
     n = max(int(count[m]), 1)
@@ -450,7 +497,7 @@ def _record(epoch, step, elapsed, sums, count, m, res, pop, lr, timing, *, terms
         extra["train/grad_norm"] = float(sums["grad_norm"][m] / steps) if steps else float("nan")
     if "kd" in sums:
         kd = sums["kd"][m] / n
-        extra.update({f"train/kd_{t}": float(kd[i]) for i, t in enumerate(D.KD_TERMS)})
+        extra.update({f"train/kd_{t}": float(kd[i]) for i, t in enumerate(kd_terms)})
     val, metrics, fitness = None, {}, float("nan")
     if res:
         vl = res["loss"]["local"]

@@ -34,6 +34,9 @@ class ModelSettings:
     # `jaxyolo.models.yolo.ModelOptions`: head="implicit", kst=3, kst_draw="step", act="silu",
     # dtype=None; dtype "bfloat16" computes in bf16 with float32 master weights)
     options: dict = dataclasses.field(default_factory=dict)
+    # "N:M" (e.g. "2:4"): fine-tune with fixed N:M magnitude masks computed from the starting
+    # weights (`jaxyolo.sparsity`; start from trained `weights`)
+    sparsity: str | None = None
 
 
 @dataclasses.dataclass
@@ -164,6 +167,13 @@ class TrainOptions:
         if self.checkpoint.rewind and (self.model.weights or self.init_seeds is not None):
             raise ConfigError("checkpoint.rewind: the run starts from the snapshot's state; `model.weights` and "
                               "`init_seeds` cannot be given with it")
+        if self.model.sparsity is not None:
+            from jaxyolo.sparsity import Pattern
+
+            try:
+                Pattern.parse(self.model.sparsity)
+            except ConfigError as e:
+                raise ConfigError(f"model.{e}") from None
         if self.distill.features and not self.distill.teacher:
             raise ConfigError("distill.features: feature imitation needs a teacher (distill.teacher, --teacher)")
 

@@ -139,6 +139,29 @@ class StepHooks:
     init: Callable | None = None
 
 
+def compose_hooks(*hooks: StepHooks | None) -> StepHooks | None:
+    """One StepHooks applying each of `hooks` in turn (None ones skipped; none left: None)."""
+    hs = [h for h in hooks if h is not None]
+    if len(hs) <= 1:
+        return hs[0] if hs else None
+
+    def chain(name, call):
+        fs = [getattr(h, name) for h in hs if getattr(h, name) is not None]
+        if not fs:
+            return None
+
+        def run(x, *rest):
+            for f in fs:
+                x = call(f, x, *rest)
+            return x
+        return run
+
+    return StepHooks(grads=chain("grads", lambda f, g, p, e, h: f(g, p, e, h)),
+                     params=chain("params", lambda f, new, old, e, h: f(new, old, e, h)),
+                     extras=chain("extras", lambda f, e, s, h: f(e, s, h)),
+                     init=chain("init", lambda f, s: f(s)))
+
+
 def init_state(detector, aux_params=None) -> TrainState:
     """The state of one member, from a detector's current weights (EMA starts as a copy).
     `aux_params`: extra trainable parameters (a pytree of arrays) that the step updates with the

@@ -210,8 +210,11 @@ def test_distillation_refuses_another_family_by_name():
 
     toy_det = jaxyolo.create_model(toy.TABLE, num_classes=2)
     yolo = jaxyolo.create_model("yolov4p", num_classes=2, abstract=True)
-    with pytest.raises(ConfigError, match="toy detector cannot take part"):
+    with pytest.raises(ConfigError, match="a yolov4 detector cannot teach the toy student"):
         D.check_compatible(toy_det, yolo)
+    # a family without distillation terms refuses a teacher of its own kind too
+    with pytest.raises(ConfigError, match="the toy family has no distillation terms"):
+        D.check_compatible(toy_det, jaxyolo.create_model(toy.TABLE, num_classes=2))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,7 @@ FLAG_SETTINGS = {
     "close_mosaic": "recipe.close_mosaic", "autoanchor": "recipe.autoanchor", "eval_every": "eval.every",
     "save_every": "checkpoint.every", "snapshot": "checkpoint.snapshots", "rewind": "checkpoint.rewind",
     "teacher": "distill.teacher", "kd_features": "distill.features", "hyp": "hyp", "out": "out", "seed": "seed",
+    "sparsity": "model.sparsity",
 }
 
 
@@ -78,6 +79,9 @@ def add_parser(subparsers):
     p.add_argument("--teacher", help="distil from this jaxyolo checkpoint folder (weights from the hyp's kd_* keys)")
     p.add_argument("--kd-features", action="store_true",
                    help="with --teacher: feature imitation at P3-P5 through 1x1 adapters (hyp kd_feat)")
+    p.add_argument("--sparsity", metavar="N:M",
+                   help="fine-tune with fixed N:M magnitude masks (e.g. 2:4) computed from the starting weights "
+                        "(give --weights of a dense run); sparsity.json reports the zeros and AP before and after")
     p.add_argument("--snapshot", type=int, action="append", metavar="K",
                    help="keep the training state of iteration K as snapshots/iterK (and weights/iterK); repeatable")
     p.add_argument("--rewind", metavar="SNAPSHOT",

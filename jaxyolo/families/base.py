@@ -21,6 +21,9 @@ one are YOLOv4's). The family owns everything that depends on how its head is la
 * `state_dict` / `load_state_dict`: the weights under the names of the family's reference code
   (the default: NNX paths joined with dots);
 * `model_tables`: the model names it ships (`--model NAME` finds them);
+* for distillation (`jaxyolo.distill`): `kd_terms` and `kd_keys` (its terms and the hyp weights
+  of each), `check_distill` (can this teacher teach this student?), `feature_channels` (of the
+  head inputs, for feature-imitation adapters) and `distill_loss`;
 * `hyp_keys` (the hyp keys its loss reads), `hyp_defaults` (keys of its own beyond the shared
   table, with defaults and ranges) and `search_space` (the bundled space file a search of this
   family starts from).
@@ -123,6 +126,26 @@ class Family:
 
     def layer_table(self, model, img_size: int) -> list[dict]:
         raise ConfigError(f"layer_table: not available for the {self.name} family")
+
+    # -- distillation ---------------------------------------------------------------------------
+    kd_terms: ClassVar[tuple[str, ...]] = ()  # the distillation terms, in the order of metrics["kd"]
+    kd_keys: ClassVar[tuple[str, ...]] = ()  # the hyp weight of each term (all 0: distillation adds nothing)
+
+    def check_distill(self, student, teacher) -> None:
+        """Raise ConfigError naming what differs when `teacher` cannot teach `student` (detectors
+        of this family)."""
+        raise ConfigError(f"student {student.spec.name}: the {self.name} family has no distillation terms")
+
+    def feature_channels(self, spec) -> list[int]:
+        """Channels of the features at the head inputs, level by level (what the model returns
+        with `return_features=True`)."""
+        raise ConfigError(f"{spec.name}: the {self.name} family has no feature imitation")
+
+    def distill_loss(self, raw, teacher_raw, boxes, classes, mask, hyp, *, spec, features=None,
+                     teacher_features=None, adapters=None, feature_mask: bool = True):
+        """(total summed over the batch, {"kd_local": (levels, K), "kd": (K,)}) for K = `kd_terms`,
+        after their weights; the teacher's outputs carry no gradient."""
+        raise ConfigError(f"{spec.name}: the {self.name} family has no distillation terms")
 
     # -- weights --------------------------------------------------------------------------------
     def state_dict(self, model) -> "OrderedDict[str, np.ndarray]":

@@ -72,6 +72,24 @@ class YOLOv4(Family):
 
         return profile.layer_table(model, img_size)
 
+    kd_terms = ("obj", "cls", "box", "feat")  # jaxyolo.distill.KD_TERMS
+    kd_keys = ("kd_obj", "kd_cls", "kd_box", "kd_feat")
+
+    def check_distill(self, student, teacher) -> None:
+        from jaxyolo.distill import check_yolo_pair
+
+        check_yolo_pair(student, teacher)
+
+    def feature_channels(self, spec) -> list[int]:
+        return [spec.layers[j].c_out for j in spec.head.inputs]
+
+    def distill_loss(self, raw, teacher_raw, boxes, classes, mask, hyp, *, spec, features=None,
+                     teacher_features=None, adapters=None, feature_mask=True):
+        from jaxyolo.distill import distill_loss
+
+        return distill_loss(raw, teacher_raw, hyp, features=features, teacher_features=teacher_features,
+                            adapters=adapters, feature_mask=feature_mask)
+
     def state_dict(self, model):
         from jaxyolo.models import state_dict as sdmap
 
