@@ -148,6 +148,12 @@ def load_config(source: str | Path, overrides: Mapping[str, Any] | None = None) 
     raw.setdefault("name", path.stem)
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value, path)
+    if raw.get("kind", "paper") == "ablation":  # a table of rows (`jaxyolo.search.ablation`)
+        from jaxyolo.search.ablation import from_raw
+
+        return from_raw(raw, path)
+    if raw.pop("kind", "paper") != "paper":
+        raise ConfigError(f"config {path}: kind: 'paper' (stages A-F, the default) or 'ablation'")
     fields = {f.name for f in dataclasses.fields(PipelineConfig)}
     moved = {k: FLAT_NAMES.get(k, k) for k in raw if k not in fields and (k in FLAT_NAMES or k == "hyp")}
     if moved:

@@ -39,7 +39,7 @@ def test_train_command_trains_and_saves(reference, data_env):
         assert (reference / name).exists(), name
     opts = json.loads((reference / "options.json").read_text())  # the settings tree as the flags set it
     assert (opts["model"], opts["data"]["source"], opts["data"]["img_size"], opts["data"]["batch_size"]) == \
-        ({"name": "yolov4p", "weights": None, "options": {}}, R.DATA, R.IMG, R.BATCH)
+        ({"name": "yolov4p", "weights": None, "options": {}, "sparsity": None}, R.DATA, R.IMG, R.BATCH)
     assert (opts["optim"]["nominal_batch"], opts["optim"]["epochs"], opts["recipe"]["min_warmup_iters"],
             opts["checkpoint"]["every"], opts["seed"]) == (R.BATCH, R.EPOCHS, 2, 1, 0)
     assert TrainOptions.from_dict(opts) == options_from_args(build_parser().parse_args(

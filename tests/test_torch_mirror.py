@@ -5,11 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
+from helpers.torch_receiver import outside_imports, receiver_output
 
 torch = pytest.importorskip("torch")
 
@@ -224,39 +222,12 @@ def test_receiver_without_jax_or_jaxyolo(tmp_path):
     out = tmp_path / "export"
     TE.export_torch(det, out, IMG)
     images = _images(IMG, n=1, seed=7)
-    torch.save(_nchw(images), tmp_path / "x.pt")
-    code = textwrap.dedent(f"""
-        import sys
-        for name in ("jax", "jaxlib", "flax", "jaxyolo"):
-            sys.modules[name] = None          # any import of these now fails
-        sys.path.insert(0, {str(out)!r})
-        import torch
-        import jaxyolo_torch
-        model = jaxyolo_torch.load({str(out)!r})
-        with torch.no_grad():
-            y = model(torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True))
-        torch.save(y, {str(tmp_path / 'y.pt')!r})
-        leaked = [m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "flax", "jaxyolo")
-                  and sys.modules[m] is not None]
-        assert not leaked, leaked
-        print("receiver ok", tuple(y.shape))
-    """)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "receiver ok" in proc.stdout
-    y = torch.load(tmp_path / "y.pt", weights_only=True).numpy()
+    y = receiver_output(out, _nchw(images), tmp_path).numpy()
     assert _normalised_diff(y, det(images), IMG) <= TOL
 
 
 def test_mirror_imports_only_torch_and_the_standard_library():
-    import ast
-
-    tree = ast.parse(TE.MIRROR_SOURCE.read_text())
-    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert names - {"torch"} <= set(sys.stdlib_module_names) | {"__future__"}, names
+    assert not outside_imports(TE.MIRROR_SOURCE)
 
 
 # --- failures -----------------------------------------------------------------------------------

@@ -23,12 +23,14 @@ def _fmt_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
 def cmd_info(args) -> int:
     import jaxyolo
 
-    det = jaxyolo.create_model(args.model, num_classes=args.num_classes, head=args.head, kst=args.kst,
-                               act=args.act, abstract=True)
+    # only the options given: --head and --kst are YOLOv4's, and another family refuses them by name
+    options = {k: v for k, v in (("head", args.head), ("kst", args.kst), ("act", args.act)) if v is not None}
+    det = jaxyolo.create_model(args.model, num_classes=args.num_classes, abstract=True, **options)
     rows = det.layer_table(args.img)
     params, gflops = sum(r["params"] for r in rows), sum(r["gflops"] for r in rows)
     if args.json:
-        print(json.dumps({"model": det.spec.name, "img": args.img, "head": args.head, "kst": det.kst,
+        print(json.dumps({"model": det.spec.name, "img": args.img, "head": getattr(det.options, "head", None),
+                          "kst": det.kst,
                           "num_classes": det.num_classes, "params": params, "gflops": round(gflops, 4),
                           "strides": list(det.spec.strides), "layers": rows}))
         return 0
@@ -40,8 +42,7 @@ def cmd_info(args) -> int:
             ("gflops", "GFLOPs", ".3f")]
     print(_fmt_table(rows, cols))
     print(f"\n{det.spec.name}: {len(rows)} layers, {params:,} parameters, {gflops:.2f} GFLOPs at "
-          f"{args.img}x{args.img} (2 x conv multiply-accumulates), head={args.head}"
-          + (f" K={det.kst}" if det.kst else ""))
+          f"{args.img}x{args.img} (2 x conv multiply-accumulates), {det.family.describe(det.spec, det.options)}")
     return 0
 
 
@@ -91,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="parameters, GFLOPs and a per-layer table of a model")
     info.add_argument("--model", default="yolov4s", help="built-in name or path to a YAML table")
     info.add_argument("--img", type=int, default=640, help="square input size for FLOPs and shapes")
-    info.add_argument("--head", choices=("implicit", "detect"), default="implicit")
-    info.add_argument("--kst", type=int, default=3, help="KST candidates of the implicit head")
-    info.add_argument("--act", default="silu", choices=("silu", "mish", "leaky"))
+    info.add_argument("--head", choices=("implicit", "detect"), help="YOLOv4 head (default implicit)")
+    info.add_argument("--kst", type=int, help="KST candidates of the YOLOv4 implicit head (default 3)")
+    info.add_argument("--act", choices=("silu", "mish", "leaky", "relu6", "relu"),
+                      help="activation (default: the family's, YOLOv4 silu, gfl relu6)")
     info.add_argument("--num-classes", type=int, default=80)
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)

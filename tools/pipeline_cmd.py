@@ -1,6 +1,7 @@
-"""`jaxyolo pipeline`: the paper's whole system (stages A-F, KST analysis, deployment) and its report.
+"""`jaxyolo pipeline`: the paper's whole system (stages A-F, KST analysis, deployment) and its report,
+or an ablation table of rows (a config with `kind: ablation`, e.g. `gfl`; `--stages` then names rows).
 
-    jaxyolo pipeline --config demo|coco128|coco|FILE.yaml [--seeds 3] [--set KEY=VALUE ...] \
+    jaxyolo pipeline --config demo|coco128|coco|gfl|gfl-coco|FILE.yaml [--seeds 3] [--set KEY=VALUE ...] \
         [--stages A,D] [--dry-run] --out runs/pipeline/NAME
 """
 
@@ -92,6 +93,30 @@ class PipelineProgress:
             self.inner.train(info)
 
 
+def _run_ablation(cfg, out: Path, rows, dry_run: bool) -> int:
+    from jaxyolo.search import ablation as A
+
+    if dry_run:
+        for row in A.order(cfg.rows):
+            if rows and row.name not in rows:
+                continue
+            seeds = range(cfg.seeds) if row.start is not None else [None]
+            o = A.options(cfg, row, out, next(iter(seeds)))
+            shown = {k: o.get(k) for k in DRY_RUN_SETTINGS + ("model.sparsity",)}
+            extra = (f"; fine-tune of {row.start}, one run per seed" if row.start else "") + (
+                f"; teacher {row.teacher}" if row.teacher else "")
+            print(f"{row.name:7s} {row.label}: " + ", ".join(f"{k}={v}" for k, v in shown.items()
+                                                              if v not in (None, {})) + extra)
+        return 0
+    t0 = time.perf_counter()
+    print(f"pipeline {cfg.name}: {len(cfg.rows)} rows, {cfg.seeds} seed(s) -> {out}")
+    _, report = A.run_ablation(cfg, out, rows=rows, progress=PipelineProgress())
+    print()
+    print(report.read_text())
+    print(f"total {time.perf_counter() - t0:.0f} s; report: {report}")
+    return 0
+
+
 def run(args) -> int:
     from jaxyolo.search import pipeline as PL
     from jaxyolo.train_options import parse_setting
@@ -104,6 +129,8 @@ def run(args) -> int:
     cfg = PL.load_config(args.config, overrides)
     out = Path(args.out or f"runs/pipeline/{cfg.name}")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    if getattr(cfg, "kind", None) == "ablation":
+        return _run_ablation(cfg, out, stages, args.dry_run)
     todo = PL.units_for(stages or PL.STAGES)
     if args.dry_run:
         steps = PL.plan(cfg, out)

@@ -2,27 +2,31 @@
 
 ``export_torch`` writes into ``out_dir``::
 
-    jaxyolo_torch.py   a copy of `jaxyolo.export.torch_mirror` (imports only torch + stdlib)
-    config.json        the resolved layer table (`torch_config`)
-    model.pt           the state_dict (reference key names; only tensors), saved with torch.save
+    jaxyolo_torch.py   a copy of the family's mirror (imports only torch + stdlib):
+                       `jaxyolo.export.torch_mirror` (yolov4) or `jaxyolo.export.torch_mirror_gfl` (gfl)
+    config.json        the resolved table (`torch_config`)
+    model.pt           the state_dict (only tensors), saved with torch.save: yolov4, the reference
+                       key names; gfl, the family's state_dict keys (dotted NNX paths) with
+                       convolution weights in torch's (out, in, kh, kw) layout
 
 A receiver runs it with ``import jaxyolo_torch; model = jaxyolo_torch.load(folder)``.
 
 With ``fold_implicit=True`` the implicit head is folded (the mean of its KST candidates moves into
 the head convs), so the state_dict is that of a plain ``Detect`` head; with ``fuse_bn=False`` it then
 loads into the reference repositories' Detect models. ``fold_implicit=False`` keeps the weights as
-they are (``ia``/``im`` keys, K candidates on their leading axis).
+they are (``ia``/``im`` keys, K candidates on their leading axis). Both options are YOLOv4's; a gfl
+detector has no implicit layers, and ``fuse_bn=True`` is refused for it (its mirror keeps BatchNorms).
 
 Parity gate. The folder is first written to a temporary sibling folder, loaded back with the
 shipped module file (imported by path, as a receiver would), and run on seeded random images next
 to the original (unfolded, float32) JAX detector. Only if the outputs agree is the folder renamed
 into place; otherwise nothing is left and `ExportError` says by how much they differed.
 
-The compared quantity: decoded outputs (B, N, 5 + nc) with the four box columns divided by the
-input size (x, w by the width; y, h by the height) and the scores as they are; the gate requires
-max |torch - jax| <= tolerance on these. Pixel-valued boxes cannot be held to 1e-4 in float32:
-widths reach 4x the largest anchor (~1800 px), where one float32 ulp is 1.2e-4, and the
-convolutions of XLA and of torch round differently. Measured for yolov4s (K=3, perturbed BN and
+The compared quantity: decoded outputs (B, N, 5 + nc) (gfl: (B, N, 4 + nc), boxes xyxy) with the
+four box columns divided by the input size (x, w by the width; y, h by the height) and the scores
+as they are; the gate requires max |torch - jax| <= tolerance on these. Pixel-valued boxes cannot
+be held to 1e-4 in float32: widths reach 4x the largest anchor (~1800 px), where one float32 ulp
+is 1.2e-4, and the convolutions of XLA and of torch round differently. Measured for yolov4s (K=3, perturbed BN and
 implicit values, logits up to |7|; fp32, CPU, 2 images) at both 416 and 640: pixels 1.2e-4 (one
 float32 ulp between 1024 and 2048; 2.4e-4 with fuse_bn=True), so 1e-4 in pixels fails on rounding
 alone; normalised <= 5.9e-7; scores <= 1.4e-7; raw logits <= 8.1e-6. The report gives all of them:
@@ -48,15 +52,28 @@ import numpy as np
 from jaxyolo.errors import ConfigError, ExportError
 
 MIRROR_SOURCE = Path(__file__).with_name("torch_mirror.py")
+GFL_MIRROR_SOURCE = Path(__file__).with_name("torch_mirror_gfl.py")
 MODULE_FILE = "jaxyolo_torch.py"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
 FORMAT = "jaxyolo-torch/1"
+GFL_FORMAT = "jaxyolo-torch-gfl/1"
+FAMILIES = ("yolov4", "gfl")  # the families with a PyTorch mirror
 _OUR_FILES = {MODULE_FILE, CONFIG_FILE, WEIGHTS_FILE, "__pycache__"}
+
+
+def _family(detector) -> str:
+    name = detector.family.name
+    if name not in FAMILIES:
+        raise ExportError(f"export_torch: the {name} family has no PyTorch mirror (families with one: "
+                          f"{', '.join(FAMILIES)})")
+    return name
 
 
 def torch_config(detector) -> dict:
     """The JSON config of the PyTorch mirror for `detector` (its resolved table and options)."""
+    if _family(detector) == "gfl":
+        return gfl_torch_config(detector)
     spec, opt = detector.spec, detector.options
     kst = detector.kst
     layers = []
@@ -90,9 +107,38 @@ def torch_config(detector) -> dict:
     }
 
 
+def gfl_torch_config(detector) -> dict:
+    """The config of `torch_mirror_gfl` for a gfl detector: the resolved backbone rows (after the
+    width and depth multipliers, so the mirror needs no rounding rules of its own), neck and head."""
+    spec, opt = detector.spec, detector.options
+    bb = spec.backbone
+    return {
+        "format": GFL_FORMAT,
+        "name": spec.name,
+        "nc": spec.nc,
+        "act": opt.act,
+        "dgqp": bool(opt.dgqp),
+        "reg_max": spec.reg_max,
+        "strides": list(spec.strides),
+        "backbone": {"stem": bb.stem,
+                     "stages": [[st.expand, st.kernel, st.stride, st.c_out, st.repeats, int(st.fused)]
+                                for st in bb.stages],
+                     "out_stages": list(bb.out_stages)},
+        "neck": {"width": spec.neck_width},
+        "head": {"width": spec.head_width, "stacked_convs": spec.stacked_convs, "share_levels": spec.share_levels,
+                 "dgqp_topk": spec.dgqp_topk, "dgqp_width": spec.dgqp_width},
+        "names": list(detector.names),
+    }
+
+
 def _export_state(detector) -> "OrderedDict[str, np.ndarray]":
-    """The state_dict written to model.pt (a seam for tests)."""
-    return detector.state_dict()
+    """The state_dict written to model.pt (a seam for tests). YOLOv4's is already in the
+    reference's layout; gfl's default one holds jaxyolo's HWIO convolution weights, which torch
+    wants as OIHW (the mirror's `from_jaxyolo` does the same for a receiver)."""
+    state = detector.state_dict()
+    if detector.family.name == "gfl":
+        state = OrderedDict((k, np.transpose(v, (3, 2, 0, 1)) if np.ndim(v) == 4 else v) for k, v in state.items())
+    return state
 
 
 def _image_hw(img_size, stride: int) -> tuple[int, int]:
@@ -162,6 +208,7 @@ def export_torch(
     raw_max_abs_diff, tolerance, seconds.
     """
     t0 = time.perf_counter()
+    family = _family(detector)
     try:
         import torch
     except ImportError:
@@ -174,6 +221,9 @@ def export_torch(
     if out_dir.exists():
         if not out_dir.is_dir() or not set(os.listdir(out_dir)) <= _OUR_FILES:
             raise ExportError(f"{out_dir}: exists and is not a previous torch export; choose another folder")
+    if fuse_bn and family == "gfl":
+        raise ConfigError("fuse_bn: the gfl family's PyTorch mirror keeps its BatchNorms (it has no folded form); "
+                          "export with fuse_bn=False")
     if fuse_bn and not fold_implicit and detector.kst:
         raise ConfigError("fuse_bn=True needs fold_implicit=True for an implicit head (the folded BN form has "
                           "no implicit layers)")
@@ -188,7 +238,7 @@ def export_torch(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        shutil.copyfile(MIRROR_SOURCE, tmp / MODULE_FILE)
+        shutil.copyfile(GFL_MIRROR_SOURCE if family == "gfl" else MIRROR_SOURCE, tmp / MODULE_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
         tensors = OrderedDict((k, torch.from_numpy(np.array(v, order="C"))) for k, v in state.items())
         torch.save(tensors, tmp / WEIGHTS_FILE)
@@ -199,8 +249,9 @@ def export_torch(
                                                         if not k.endswith(("running_mean", "running_var",
                                                                            "num_batches_tracked", "anchors",
                                                                            "anchor_grid")))),
-                  "folded_implicit": exported is not detector and bool(detector.kst), "fused_bn": config["fused"],
-                  "img_size": list(hw), "tolerance": float(tolerance), "checked": bool(check),
+                  "folded_implicit": exported is not detector and bool(detector.kst),
+                  "fused_bn": bool(config.get("fused", False)),
+                  "family": family, "img_size": list(hw), "tolerance": float(tolerance), "checked": bool(check),
                   "metric": "decoded outputs, box columns / input size, scores as is"}
         if check:
             mod = import_mirror(tmp / MODULE_FILE)

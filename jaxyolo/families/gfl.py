@@ -70,5 +70,10 @@ class GFL(Family):
     def export_metadata(self, spec, options) -> dict:
         return {"reg_max": spec.reg_max, "strides": list(spec.strides), "gfl": 2 if options.dgqp else 1}
 
+    def layer_table(self, model, img_size):
+        from jaxyolo.models import profile
+
+        return profile.gfl_layer_table(model, img_size)
+
 
 FAMILY = register(GFL())
