@@ -333,3 +333,16 @@ def test_cli_info_prints_a_gfl_table(capsys):
     assert out["params"] == det.num_params() and out["head"] is None and out["layers"][0]["module"] == "Conv"
     assert cli.main(["info", "--model", TINY, "--img", str(IMG), "--act", "silu"]) == 0
     assert "GFLv1, act=silu" in capsys.readouterr().out
+
+
+def test_profile_times_the_deployable_forms(torch, tmp_path):
+    """`jaxyolo profile` (Table 5's shape) for a gfl detector: ONNX, JAX and torch latencies, and
+    the parity of the timed ONNX file."""
+    from jaxyolo.export.latency import profile
+
+    det = _det(TINY, "relu6", True)
+    res = profile(det, [IMG], runs=2, warmup=1, threads=1, workdir=tmp_path)
+    (row,) = res["rows"]
+    assert row["params"] == det.num_params() and row["gflops"] == pytest.approx(det.gflops(IMG))
+    assert all(row[k] > 0 for k in ("onnx_ms", "jax_ms", "torch_ms"))
+    assert row["onnx_parity_max_abs_diff"]["output"]["normalised"] <= TOL

@@ -54,7 +54,7 @@ def onnx_latency(path: str | Path, img_size: int, *, threads: int, runs: int, wa
 
 
 def jax_latency(folded, img_size: int, *, runs: int, warmup: int) -> float:
-    """`folded`: the detector's inference form (`Detector.fold()`)."""
+    """`folded`: the detector's inference form (`Family.inference_module`; YOLOv4: `Detector.fold()`)."""
     import jax
 
     x = jax.numpy.asarray(np.random.default_rng(0).uniform(0, 1, (1, img_size, img_size, 3)).astype(np.float32))
@@ -110,7 +110,8 @@ def profile(detector, img_sizes, *, runs: int = 50, warmup: int = 10, threads: i
 
             torch_dir = tmp / "torch"
             export_torch(detector, torch_dir, img_sizes[0])
-        folded = detector.fold() if with_jax else None
+        # the family's deployable form (YOLOv4: implicit vectors and BatchNorms folded)
+        folded = detector.with_model(detector.family.inference_module(detector.model)) if with_jax else None
         for s in img_sizes:
             onnx_path = (Path(keep_onnx) if keep_onnx else tmp) / f"model-{s}.onnx"
             report = export_onnx(detector, onnx_path, s)
