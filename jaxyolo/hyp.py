@@ -69,6 +69,14 @@ def available() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
+def for_family(source, family):
+    """The hyp source a run of `family` reads: None (no hyp given) is the family's own default file
+    (`Family.default_hyp`: YOLOv4 "default", gfl "gfl"); anything else as given."""
+    if source is None:
+        return getattr(family, "default_hyp", "default") if family is not None else "default"
+    return source
+
+
 def load_hyp(source: str | Path | Mapping | None = None, *, num_levels: int = 3,
              overrides: Mapping | None = None, family=None) -> dict[str, float | list]:
     """Read a hyp file (a bundled name such as 'default', a path, or a dict) into plain Python

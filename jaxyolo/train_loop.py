@@ -100,8 +100,9 @@ def fit(options: TrainOptions, hyps: Sequence[Mapping] | None = None, *, resume:
         train_ds = Subset(train_ds, range(min(options.data.subset, len(train_ds))))
     if train_ds.num_classes != val_ds.num_classes:
         raise ConfigError(f"data {options.data.source}: train has {train_ds.num_classes} classes, val {val_ds.num_classes}")
-    recipe = run_recipe(options)
     det = _initial_detector(options, train_ds.num_classes)
+    options = dataclasses.replace(options, hyp=H.for_family(options.hyp, det.family))  # none given: the family's
+    recipe = run_recipe(options)
     teacher = _teacher(options)
     anchors, anchor_report = _run_anchors(options, recipe, det, teacher, train_ds)
     if anchors is not None:

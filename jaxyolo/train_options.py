@@ -110,7 +110,9 @@ class TrainOptions:
     eval: EvalSettings = dataclasses.field(default_factory=EvalSettings)
     checkpoint: CheckpointSettings = dataclasses.field(default_factory=CheckpointSettings)
     distill: DistillSettings = dataclasses.field(default_factory=DistillSettings)
-    hyp: Any = "default"  # bundled name, path or mapping (reference key names), with its recipe keys
+    # bundled name, path or mapping (reference key names), with its recipe keys; None: the model
+    # family's default file (`Family.default_hyp`: YOLOv4 "default", gfl "gfl")
+    hyp: Any = None
     out: str = "runs/train/exp"
     seed: int = 0
     # One initialisation seed per population member (repeated runs of one hyp set trained together:

@@ -4,7 +4,8 @@ Table 2).
 
 A row is the pipeline's `train` settings with the row's own on top (`set`: dotted TrainOptions
 settings such as ``model.name`` or ``data.img_size``; `hyp`: hyp keys over the `train.hyp` file),
-trained once per seed. A row may also:
+trained once per seed and evaluated after its last epoch (unless it sets `eval.every`). A row
+may also:
 
 * ``start: ROW`` — start each seed from that row's final weights of the same seed (a fine-tune,
   e.g. ``set: {model.sparsity: "2:4"}`` after a dense row);
@@ -184,9 +185,16 @@ def options(cfg: AblationConfig, row: Row, out: Path, seed: int | None) -> Train
     by_name = {r.name: r for r in cfg.rows}
     hyp = cfg.train.hyp
     if row.hyp:
+        from jaxyolo import families
+
+        family = families.of_model(row.set.get("model.name", cfg.train.model.name))
+        hyp = H.for_family(hyp, family)
         base = dict(hyp) if isinstance(hyp, Mapping) else H._read(hyp)
         hyp = {**base, **row.hyp}
     changes: dict[str, Any] = {**row.set, "data.source": cfg.data, "hyp": hyp}
+    if "eval.every" not in row.set:
+        # the report reads the final weights only: evaluate at the end unless the row asks otherwise
+        changes["eval.every"] = row.set.get("optim.epochs", cfg.train.optim.epochs)
     if row.teacher is not None:
         changes["distill.teacher"] = str(_weights(out, by_name[row.teacher], 0, cfg.seeds))
     if row.start is None:

@@ -199,7 +199,7 @@ def run_search(options: SearchOptions, *, resume: bool = False, evaluate: Evalua
     family = families.of_model(options.train.model.name)
     space = SearchSpace.load(options.space or family.search_space, family=family)
     levels = _levels(options.train.model.name, family)
-    base = H.load_hyp(options.train.hyp, family=family, num_levels=levels)
+    base = H.load_hyp(H.for_family(options.train.hyp, family), family=family, num_levels=levels)
     out = Path(options.out)
     store = SearchLog(out, space)
     meta = _meta(options, space)

@@ -172,6 +172,33 @@ def test_the_loss_reports_each_term_per_level_and_is_finite_with_no_boxes():
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
 
 
+def test_mixed_precision_keeps_float32_weights_and_gradients():
+    """dtype=bfloat16: the convolutions compute in bf16, the weights, raw outputs, loss and
+    gradients stay float32, and the outputs follow the float32 model's to bf16 rounding."""
+    from jaxyolo import families
+    from jaxyolo import hyp as H
+    from jaxyolo import train_step as T
+
+    f32 = jaxyolo.create_model(TINY, num_classes=3, seed=0)
+    bf16 = jaxyolo.create_model(TINY, num_classes=3, seed=0, dtype="bfloat16")
+    params = T.split_model(bf16.model)[1]
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    x = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
+    a, b = f32.model(x), bf16.model(x)
+    for ra, rb in zip(a, b):
+        assert rb.dtype == jnp.float32
+        scale = float(jnp.max(jnp.abs(ra)))
+        assert float(jnp.max(jnp.abs(ra - rb))) < 0.05 * scale  # bf16 keeps 8 bits of mantissa
+    cfg = T.TrainConfig(epochs=1, batches_per_epoch=2, batch_size=2, img_size=64, nominal_batch=2,
+                        min_warmup_iters=1, augment=False)
+    step = jax.jit(T.make_train_step(bf16, cfg))
+    batch = {"image": np.asarray(x * 255, np.uint8), "boxes": np.asarray([[[4, 4, 30, 40]], [[10, 20, 60, 50]]], np.float32),
+             "classes": np.asarray([[1], [2]]), "mask": np.asarray([[True], [True]])}
+    hyp = H.as_arrays(H.load_hyp(family=families.get("gfl")))
+    state, m = step(T.init_state(bf16), batch, hyp, jax.random.key(1))
+    assert bool(m["finite"]) and all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+
+
 def test_onnx_export_of_a_gfl_detector_matches_it(tmp_path):
     """Depthwise convolutions, the PAN's resampling, the quality branch's top-k and the decode all
     convert; the exported file's decoded boxes and in-graph NMS agree with the detector's."""

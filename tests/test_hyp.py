@@ -216,3 +216,15 @@ def test_to_yaml_round_trip(tmp_path):
     path.write_text(text)
     assert H.load_hyp(path) == h
     assert list(yaml.safe_load(text)) == list(H.KEYS)  # the keys in the documented order
+
+
+def test_a_run_without_a_hyp_file_takes_its_familys_default():
+    from jaxyolo import families
+
+    gfl, yolo = families.get("gfl"), families.get("yolov4")
+    assert H.for_family(None, gfl) == "gfl" and H.for_family(None, yolo) == "default"
+    assert H.for_family("default", gfl) == "default"  # asked for by name: the shared file
+    assert H.load_recipe("gfl")["close_mosaic"] == 10 and H.load_recipe("default")["close_mosaic"] == 0
+    assert H.load_hyp("gfl", family=gfl)["gfl_box"] == 2.0
+    with pytest.raises(ConfigError, match="unknown hyper-parameter"):
+        H.load_hyp("gfl")  # its loss keys belong to the gfl family

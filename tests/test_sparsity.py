@@ -132,6 +132,8 @@ def test_train_with_sparsity_reports_and_exports_exact_2_4(runs_root, tmp_path):
     with R.data_cache(runs_root):
         code, out, err = R.cli_main(argv)
     assert code == 0, err[-3000:]
+    # no --hyp: the gfl family's default recipe file
+    assert json.loads((tmp_path / "run" / "options.json").read_text())["hyp"] == "gfl"
     report = json.loads((tmp_path / "run" / "sparsity.json").read_text())
     assert report["pattern"] == "2:4" and report["masks"]["exact"] and report["weights"][0]["exact"]
     for stage in ("dense", "pruned", "fine_tuned"):

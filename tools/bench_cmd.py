@@ -52,7 +52,7 @@ def add_parser(subparsers):
     learn.add_argument("--train-images", type=int, help="generated training images (default 1000)")
     learn.add_argument("--val-images", type=int, help="generated held-out images (default 200)")
     learn.add_argument("--epochs", type=int, help="training epochs of every system (default 30)")
-    learn.add_argument("--hyp", help="jaxyolo's hyp (default: the bundled default)")
+    learn.add_argument("--hyp", help="jaxyolo's hyp (default: the model family's default file)")
     learn.add_argument("--head", choices=("detect", "implicit"), help="jaxyolo's head, for a YOLOv4 model (default detect)")
     learn.add_argument("--out", help="run folder of the learn suite (default runs/bench/learn)")
     p.set_defaults(func=run)

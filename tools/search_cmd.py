@@ -17,7 +17,7 @@ def add_parser(subparsers):
     p.add_argument("--model", default="yolov4s")
     p.add_argument("--data", default="synthetic", help="data YAML, COCO json, tfds:NAME or synthetic[:k=v,...]")
     p.add_argument("--space", default="default", help="bundled search space name or a YAML file")
-    p.add_argument("--hyp", default=None, help="base hyp for keys outside the space (default: the bundled default)")
+    p.add_argument("--hyp", default=None, help="base hyp for keys outside the space (default: the model family's default file)")
     p.add_argument("--weights", help="start every trial from these weights (checkpoint folder, .pt or .npz)")
     p.add_argument("--teacher", help="distil every trial from this checkpoint folder (put kd_* keys in the space)")
     p.add_argument("--kd-features", action="store_true", help="with --teacher: feature imitation at P3-P5")
@@ -49,7 +49,7 @@ def options_from_args(args):
     from jaxyolo.search.runner import SearchOptions, trial_defaults
 
     train = trial_defaults({
-        "model.name": args.model, "model.weights": args.weights, "data.source": args.data, "hyp": args.hyp or "default",
+        "model.name": args.model, "model.weights": args.weights, "data.source": args.data, "hyp": args.hyp,
         "distill.teacher": args.teacher, "distill.features": args.kd_features, "data.subset": args.subset,
         "data.img_size": args.img, "data.batch_size": args.batch, "seed": args.seed, "data.workers": args.workers,
         "optim.nominal_batch": args.nominal_batch, "recipe.min_warmup_iters": args.min_warmup_iters,

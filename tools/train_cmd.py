@@ -45,8 +45,8 @@ def add_parser(subparsers):
                         "model.options.kst_draw=image); repeatable")
     p.add_argument("--model", help="built-in model name or a YAML table (default yolov4s)")
     p.add_argument("--data", help="data YAML, COCO json, tfds:NAME or synthetic[:k=v,...] (default synthetic)")
-    p.add_argument("--hyp", help="bundled hyp name (default, reference-s, reference-csp) or a hyp YAML "
-                                 "(reference key names)")
+    p.add_argument("--hyp", help="bundled hyp name (default, gfl, reference-s, reference-csp) or a hyp YAML "
+                                 "(reference key names); default: the model family's (YOLOv4 default, gfl gfl)")
     p.add_argument("--img", type=int, help="square training and validation size (default 640)")
     p.add_argument("--batch", type=int, help="images per iteration over all devices (default 64)")
     p.add_argument("--epochs", type=int, help="default 300")

@@ -24,7 +24,7 @@ PEERS = ("ultralytics", "yolov5")
 CONF, IOU = 0.001, 0.6
 
 
-def learn(*, model: str = "yolov4n", head: str = "detect", hyp: str = "default", train: int = 1000, val: int = 200,
+def learn(*, model: str = "yolov4n", head: str = "detect", hyp: str | None = None, train: int = 1000, val: int = 200,
           epochs: int = 30, img: int = 128, batch: int = 32, classes: int = 5, peer_python: str | None = None,
           peer_width: float = 0.125, out: str = "runs/bench/learn", seed: int = 0, timeout_s: float = 7200,
           log=print) -> dict:

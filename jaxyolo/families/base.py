@@ -50,6 +50,8 @@ class Family:
     # `jaxyolo.hyp.load_hyp(..., family=)` accepts and fills them
     hyp_defaults: ClassVar[dict] = {}
     search_space: ClassVar[str] = "default"  # a bundled search space name (configs/search/<name>.yaml) or a path
+    # the bundled hyp file (configs/hyp/<name>.yaml) that `hyp: default` means for this family
+    default_hyp: ClassVar[str] = "default"
     export_layout: ClassVar[str] = "xyxy-scores"  # `jaxyolo.predictions.LAYOUTS`
     options_type: ClassVar[type]  # a frozen dataclass: how a table is instantiated
     # the model names the family ships, {name: path of its YAML table}: `create_model(NAME)`,

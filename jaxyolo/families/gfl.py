@@ -34,6 +34,7 @@ class GFL(Family):
     kd_terms = ld.LD_TERMS
     kd_keys = ld.LD_KEYS
     search_space = "gfl"
+    default_hyp = "gfl"
     export_layout = "xyxy-scores"
     options_type = G.GFLOptions
 
