@@ -3,7 +3,7 @@ with ATSS targets (`models.gfl`, `gfl_loss`), as in the NanoDet-style detector o
 
 Model tables (`family: gfl`) ship as jaxyolo's own names: gfl-lite0 ... gfl-lite4 (the published
 backbones, 96-channel PAN and head) and gfl-n (scaled down for CPUs and tests). Options: `act`
-(relu6, silu, mish), `dgqp` (GFLv2's quality branch), `dtype` (mixed precision). Hyp keys of its
+(silu by default; relu6, mish, relu, leaky), `dgqp` (GFLv2's quality branch), `dtype` (mixed precision). Hyp keys of its
 own: `gfl_cls`, `gfl_box`, `gfl_dfl` (the QFL, GIoU and DFL gains; published 1, 2, 0.25) and
 `qfl_beta` (2).
 """

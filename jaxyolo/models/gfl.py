@@ -59,7 +59,9 @@ class GFLSpec:
 class GFLOptions:
     """How a table is instantiated (hashable: part of the static graph definition)."""
 
-    act: str = "relu6"  # relu6 (EfficientNet-Lite's), silu or mish (the paper's Table 2)
+    # silu (Table 2's rows 3-5; it learns better on the learn benchmark), relu6 (EfficientNet-Lite's
+    # own, quantisation-friendly: row 1), mish (row 2), relu, leaky
+    act: str = "silu"
     dgqp: bool = False  # GFLv2: the distribution-guided quality predictor
     dtype: str | None = None  # compute dtype of the convolutions, e.g. "bfloat16"; params stay float32
 
