@@ -41,6 +41,8 @@ import numpy as np
 from jaxyolo import hyp as H
 from jaxyolo.errors import ConfigError
 from jaxyolo.files import atomic_write_text, read_document
+from jaxyolo.search.config_files import config_diff, resolve_data, train_settings
+from jaxyolo.search.report import cell, markdown_table, paired_test, seed_values
 from jaxyolo.train_options import TrainOptions, flatten
 
 log = logging.getLogger("jaxyolo.pipeline")
@@ -109,8 +111,6 @@ class AblationConfig:
 def from_raw(raw: dict, path: Path) -> AblationConfig:
     """The config of a pipeline YAML with `kind: ablation` (`search.pipeline.load_config` reads
     the file and applies overrides first)."""
-    from jaxyolo.search.pipeline import _resolve_data, _train_settings  # noqa: PLC0415 - one reader of train trees
-
     fields = {f.name for f in dataclasses.fields(AblationConfig)}
     unknown = sorted(set(raw) - fields)
     if unknown:
@@ -119,8 +119,8 @@ def from_raw(raw: dict, path: Path) -> AblationConfig:
         if req not in raw:
             raise ConfigError(f"config {path}: missing required key {req!r}")
     raw = dict(raw)
-    raw["train"] = _train_settings(raw.get("train") or {}, "train", path)
-    raw["data"] = _resolve_data(str(raw["data"]), path.parent)
+    raw["train"] = train_settings(raw.get("train") or {}, "train", path, ROW_SETTINGS)
+    raw["data"] = resolve_data(str(raw["data"]), path.parent)
     if not isinstance(raw["rows"], list):
         raise ConfigError(f"config {path}: rows: expected a list of rows")
     rows = []
@@ -296,15 +296,13 @@ def _train_row(cfg: AblationConfig, row: Row, out: Path, emit) -> dict:
 
 
 def _check_saved(cfg: AblationConfig, out: Path) -> None:
-    from jaxyolo.search.pipeline import _diff
-
     saved_path = out / "pipeline.json"
     if saved_path.exists():
         saved = read_document(saved_path, what="pipeline record", fmt="json")
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
             raise ConfigError(f"{saved_path}: format {saved.get('format')!r}, not an ablation run of this "
                               f"jaxyolo ({FORMAT!r}); use another --out")
-        diff = _diff(saved["config"], cfg.to_dict())
+        diff = config_diff(saved["config"], cfg.to_dict())
         if diff:
             raise ConfigError(f"out {out}: holds an ablation run with a different configuration "
                               f"({', '.join(diff)}); use another --out")
@@ -349,7 +347,6 @@ def anova(groups: dict[str, list[float]]) -> dict | None:
 
 
 def tables(cfg: AblationConfig, results: dict) -> dict:
-    from jaxyolo.search.report import _cell, paired_test, seed_values
 
     main = []
     for row in cfg.rows:
@@ -358,7 +355,7 @@ def tables(cfg: AblationConfig, results: dict) -> dict:
         if not r:
             main.append([row.name, row.label, pub, "pending"] + [""] * (len(METRICS) - 1) + [""])
             continue
-        main.append([row.name, row.label, pub, *[_cell(seed_values(r, m)) for m in METRICS],
+        main.append([row.name, row.label, pub, *[cell(seed_values(r, m)) for m in METRICS],
                      f"{r['params'] / 1e6:.3f}M"])
     sig = []
     for a, b in cfg.comparisons():
@@ -385,8 +382,6 @@ def tables(cfg: AblationConfig, results: dict) -> dict:
 
 
 def write_report(cfg: AblationConfig, out: Path, results: dict) -> Path:
-    from jaxyolo.search.report import _table
-
     tabs = tables(cfg, results)
     t = cfg.train
     lines = [f"# Ablation report: {cfg.name}", ""]
@@ -395,14 +390,14 @@ def write_report(cfg: AblationConfig, out: Path, results: dict) -> Path:
     lines += [f"Trained on `{cfg.data}` (train split), evaluated on its `val` split (final EMA weights); "
               f"batch {t.data.batch_size}, {t.optim.epochs} epochs unless a row sets its own; "
               f"{cfg.seeds} seed(s) per row. Metrics in percent, mean ± std over the seeds.", "",
-              _table(tabs["rows"]["header"], tabs["rows"]["rows"]), "",
+              markdown_table(tabs["rows"]["header"], tabs["rows"]["rows"]), "",
               "Paired t-tests over the seeds (`scipy.stats.ttest_rel`):", "",
-              _table(tabs["paired"]["header"], tabs["paired"]["rows"]), ""]
+              markdown_table(tabs["paired"]["header"], tabs["paired"]["rows"]), ""]
     if "anova" in tabs:
         a = tabs["anova"]
         lines += [f"One-way ANOVA of AP over rows {', '.join(a['groups'])} (`scipy.stats.f_oneway`): "
                   f"F = {a['F']:.2f}, p = {a['p']:.3g}. Tukey's HSD (`scipy.stats.tukey_hsd`):", "",
-                  _table(tabs["tukey"]["header"], tabs["tukey"]["rows"]), ""]
+                  markdown_table(tabs["tukey"]["header"], tabs["tukey"]["rows"]), ""]
     sparse = [(n, r["sparsity"]) for n, r in results.items() if r.get("sparsity")]
     for name, sp in sparse:
         w = sp.get("weights", [{}])[0]

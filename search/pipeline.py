@@ -44,6 +44,7 @@ from jaxyolo import distributed as dist
 from jaxyolo import hyp as H
 from jaxyolo.errors import ConfigError
 from jaxyolo.files import atomic_write_text, read_document
+from jaxyolo.search.config_files import config_diff, resolve_data, train_settings
 from jaxyolo.search.stages import DEPENDS, STAGES, UNITS
 from jaxyolo.train_options import FLAT_NAMES, TrainOptions, flatten
 
@@ -162,9 +163,9 @@ def load_config(source: str | Path, overrides: Mapping[str, Any] | None = None) 
     unknown = sorted(set(raw) - fields)
     if unknown:
         raise ConfigError(f"config {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
-    raw["train"] = _train_settings(raw.get("train") or {}, "train", path)
+    raw["train"] = train_settings(raw.get("train") or {}, "train", path, STAGE_SETTINGS)
     if isinstance(raw.get("search"), dict) and "train" in raw["search"]:
-        _train_settings(raw["search"]["train"] or {}, "search.train", path)  # checked here, applied per trial
+        train_settings(raw["search"]["train"] or {}, "search.train", path, STAGE_SETTINGS)  # checked here, applied per trial
     for req in ("data", "student", "teacher"):
         if req not in raw:
             raise ConfigError(f"config {path}: missing required key {req!r}")
@@ -180,7 +181,7 @@ def load_config(source: str | Path, overrides: Mapping[str, Any] | None = None) 
         raw[who] = ModelChoice(**m)
     for key in ("data", "search_data"):
         if isinstance(raw.get(key), str):
-            raw[key] = _resolve_data(raw[key], path.parent)
+            raw[key] = resolve_data(raw[key], path.parent)
     for key in ("search", "distill", "deploy"):
         if raw.get(key) is None:
             raw.pop(key, None)
@@ -196,21 +197,6 @@ def load_config(source: str | Path, overrides: Mapping[str, Any] | None = None) 
     return cfg
 
 
-def _train_settings(raw, where: str, path: Path):
-    """The `train` tree of a pipeline config (or a search's trial settings), refusing the settings
-    the stages set themselves."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"config {path}: {where}: expected a mapping of training settings")
-    staged = sorted(set(flatten(raw)) & set(STAGE_SETTINGS))
-    if staged:
-        raise ConfigError(f"config {path}: {', '.join(f'{where}.{k}' for k in staged)}: set by each stage "
-                          "(from data, student, teacher, seeds, distill), not here")
-    try:
-        return TrainOptions.from_dict(raw)
-    except ConfigError as e:
-        raise ConfigError(f"config {path}: {where}.{e}") from None
-
-
 def _set_dotted(raw: dict, key: str, value, path: Path) -> None:
     parts = key.split(".")
     node = raw
@@ -221,13 +207,6 @@ def _set_dotted(raw: dict, key: str, value, path: Path) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"config {path}: override {key}: {p} is not a mapping")
     node[parts[-1]] = value
-
-
-def _resolve_data(value: str, base: Path) -> str:
-    if value.startswith(("synthetic", "tfds:")) or Path(value).is_absolute():
-        return value
-    candidate = base / value
-    return str(candidate.resolve()) if candidate.exists() else value
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,7 +331,7 @@ def config_changes(cfg: PipelineConfig, out: Path) -> list[str] | None:
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise ConfigError(f"{saved_path}: pipeline format {saved.get('format')!r}, this jaxyolo reads {FORMAT!r} "
                           "(a run of another version: use another --out)")
-    return _diff(saved["config"], cfg.to_dict())
+    return config_diff(saved["config"], cfg.to_dict())
 
 
 def _check_saved_config(cfg: PipelineConfig, out: Path) -> None:
@@ -367,18 +346,6 @@ def _check_saved_config(cfg: PipelineConfig, out: Path) -> None:
     dist.barrier("pipeline: out checked")  # every process has looked before the first write
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "pipeline.json", json.dumps({"format": FORMAT, "config": cfg.to_dict()}, indent=1))
-
-
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(a) | set(b))
-    out = []
-    for k in keys:
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
-    return out
 
 
 def _read_result(out: Path, unit: str) -> dict | None:

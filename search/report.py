@@ -56,7 +56,7 @@ def paired_test(a: list[float], b: list[float]) -> dict:
     return out
 
 
-def _cell(values: list[float]) -> str:
+def cell(values: list[float]) -> str:
     s = summarize(values)
     if s["mean"] is None:
         return "–"
@@ -67,10 +67,10 @@ def _cell(values: list[float]) -> str:
 def _metric_row(result: dict | None) -> list[str]:
     if not result:
         return ["pending"] + [""] * (len(METRICS) - 1)
-    return [_cell(seed_values(result, m)) for m in METRICS]
+    return [cell(seed_values(result, m)) for m in METRICS]
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -114,7 +114,7 @@ def tables(cfg, results: dict) -> dict:
         groups: dict = {}
         for row in kst["rows"]:
             groups.setdefault((row["shift"], row["scale"]), []).append(row)
-        rows = [[str(sh), str(sc), *[_cell([x[m] if x[m] >= 0 else math.nan for x in g]) for m in METRICS]]
+        rows = [[str(sh), str(sc), *[cell([x[m] if x[m] >= 0 else math.nan for x in g]) for m in METRICS]]
                 for (sh, sc), g in groups.items()]
         out["table4"] = {"header": ["ID_shift", "ID_scale", *HEADER], "rows": rows}
     dep = r("deploy")
@@ -154,7 +154,7 @@ def write(cfg, out: Path, results: dict) -> Path:
     for key, title in sections:
         if key not in tabs:
             continue
-        lines += [f"## {title}", "", _table(tabs[key]["header"], tabs[key]["rows"]), ""]
+        lines += [f"## {title}", "", markdown_table(tabs[key]["header"], tabs[key]["rows"]), ""]
     dep = results.get("deploy")
     if dep:
         lines += [f"ONNX model(s): {', '.join(f'`{p}`' for p in dep['onnx'])} (parity-gated against the JAX model); checkpoint: `{dep['checkpoint']}`. "
@@ -176,7 +176,7 @@ def write(cfg, out: Path, results: dict) -> Path:
              if "seconds" in results.get(rows[0], {})]
     if times:
         lines += ["## Time per unit (rows that share a model train together)", "",
-                  _table(["unit", "minutes"], [[u, f"{t / 60:.1f}"] for u, t in times]), ""]
+                  markdown_table(["unit", "minutes"], [[u, f"{t / 60:.1f}"] for u, t in times]), ""]
 
     pending = [s for s in STAGES if s not in results]
     if pending:
