@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxyolo import gfl_loss as G
+from jaxyolo.errors import ConfigError
 
 LD_TERMS = ("ld", "vlr", "cls", "feat")
 LD_KEYS = ("ld_main", "ld_vlr", "ld_cls", "ld_feat")
@@ -107,8 +108,6 @@ def ld_loss(raw, teacher_raw, boxes, classes, mask, hyp, *, spec, features=None,
     feat = jnp.zeros((len(raw),), jnp.float32)
     if features is not None:
         if teacher_features is None or adapters is None:
-            from jaxyolo.errors import ConfigError
-
             raise ConfigError("feature imitation needs the student's and teacher's features and the adapters")
         names = sorted(adapters, key=lambda k: int(k[1:]))
         feat = []

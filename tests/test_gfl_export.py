@@ -10,6 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.torch_receiver import images as _images
+from helpers.torch_receiver import nchw as _nchw
+from helpers.torch_receiver import normalised_diff as _normalised_diff
 from helpers.torch_receiver import outside_imports, receiver_output
 
 import jaxyolo
@@ -86,22 +89,6 @@ def perturbed(det, seed: int = 1):
 @functools.lru_cache(maxsize=None)
 def _det(table: str, act: str, dgqp: bool):
     return perturbed(jaxyolo.create_model(table, num_classes=3, seed=0, act=act, dgqp=dgqp))
-
-
-def _images(size: int, n: int = 2, seed: int = 3) -> np.ndarray:
-    return np.random.default_rng(seed).uniform(0, 1, (n, size, size, 3)).astype(np.float32)
-
-
-def _nchw(images: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-
-
-def _normalised_diff(a, b, size) -> float:
-    norm = np.ones(a.shape[-1])
-    norm[:4] = size
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)) / norm))
 
 
 def _check_mirror(det, out, sizes=(IMG,)):

@@ -7,6 +7,9 @@ import json
 import os
 
 import pytest
+from helpers.torch_receiver import images as _images
+from helpers.torch_receiver import nchw as _nchw
+from helpers.torch_receiver import normalised_diff as _normalised_diff
 from helpers.torch_receiver import outside_imports, receiver_output
 
 torch = pytest.importorskip("torch")
@@ -60,20 +63,6 @@ def _shapes(sd) -> list[tuple[str, tuple[int, ...]]]:
 @functools.lru_cache(maxsize=None)
 def _tiny(head: str):
     return perturbed(jaxyolo.create_model("yolov4p", num_classes=3, kst=3, head=head, seed=0))
-
-
-def _images(size: int, n: int = 2, seed: int = 3) -> np.ndarray:
-    return np.random.default_rng(seed).uniform(0, 1, (n, size, size, 3)).astype(np.float32)
-
-
-def _nchw(images: np.ndarray):
-    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-
-
-def _normalised_diff(a, b, size) -> float:
-    norm = np.ones(a.shape[-1])
-    norm[:4] = size
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)) / norm))
 
 
 # --- state_dict layout --------------------------------------------------------------------------

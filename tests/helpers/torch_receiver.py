@@ -1,6 +1,6 @@
-"""What a receiver of an exported torch folder runs: the mirror in a fresh interpreter where
-jax, flax and jaxyolo (and optionally numpy) cannot be imported. Shared by the torch mirror tests
-of both families."""
+"""What the torch mirror tests of both families share: test images in both layouts, the parity
+measure of decoded outputs, and what a receiver of an exported folder runs (the mirror in a fresh
+interpreter where jax, flax and jaxyolo, and optionally numpy, cannot be imported)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,25 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import numpy as np
+
+
+def images(size: int, n: int = 2, seed: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 1, (n, size, size, 3)).astype(np.float32)
+
+
+def nchw(images_nhwc: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
+
+
+def normalised_diff(a, b, size) -> float:
+    """Largest difference of decoded outputs, boxes (the first 4 channels) divided by the input size."""
+    norm = np.ones(a.shape[-1])
+    norm[:4] = size
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)) / norm))
 
 
 def receiver_output(folder: Path, images_nchw, tmp_path: Path, *, block_numpy: bool = False):
